@@ -1,0 +1,232 @@
+//! Multi-head causal self-attention with RoPE and grouped-query heads.
+
+use burn::module::Module;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, Int, Tensor, backend::Backend};
+
+use crate::config::LlamaConfig;
+use crate::error::Result;
+use crate::linear::{Linear, LinearConfig};
+use crate::rope::apply_rope;
+use crate::weights::WeightSource;
+
+/// Configuration of an [`Attention`] layer.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionConfig {
+    /// Model width d.
+    pub hidden_size: usize,
+    /// Query heads H.
+    pub num_heads: usize,
+    /// Key/value heads H_kv (H_kv divides H).
+    pub num_kv_heads: usize,
+    /// Per-head width.
+    pub head_dim: usize,
+    /// Bias on q/k/v.
+    pub qkv_bias: bool,
+    /// Bias on o.
+    pub o_bias: bool,
+    /// Sliding window (Mistral), `None` for full causal attention.
+    pub sliding_window: Option<usize>,
+}
+
+impl AttentionConfig {
+    /// From a model configuration.
+    pub fn from_model(c: &LlamaConfig) -> Self {
+        Self {
+            hidden_size: c.hidden_size,
+            num_heads: c.num_attention_heads,
+            num_kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            qkv_bias: c.qkv_bias,
+            o_bias: c.o_bias,
+            sliding_window: c.sliding_window,
+        }
+    }
+
+    /// Build from `src` (`{prefix}.{q,k,v,o}_proj.*`).
+    pub fn load<B: Backend, S: WeightSource<B>>(
+        &self,
+        prefix: &str,
+        src: &mut S,
+        std: f64,
+    ) -> Result<Attention<B>> {
+        let (d, h, kv, hd) = (
+            self.hidden_size,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+        );
+        Ok(Attention {
+            q_proj: LinearConfig::new(d, h * hd, self.qkv_bias).load(
+                &format!("{prefix}.q_proj"),
+                src,
+                std,
+            )?,
+            k_proj: LinearConfig::new(d, kv * hd, self.qkv_bias).load(
+                &format!("{prefix}.k_proj"),
+                src,
+                std,
+            )?,
+            v_proj: LinearConfig::new(d, kv * hd, self.qkv_bias).load(
+                &format!("{prefix}.v_proj"),
+                src,
+                std,
+            )?,
+            o_proj: LinearConfig::new(h * hd, d, self.o_bias).load(
+                &format!("{prefix}.o_proj"),
+                src,
+                std,
+            )?,
+            num_heads: h,
+            num_kv_heads: kv,
+            head_dim: hd,
+            sliding_window: self.sliding_window,
+        })
+    }
+}
+
+/// `o_proj(softmax(rope(q) rope(k)ᵀ / sqrt(head_dim) + causal) v)` with K/V heads shared by
+/// groups of H / H_kv query heads.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    /// `[H·hd, d]`
+    pub q_proj: Linear<B>,
+    /// `[H_kv·hd, d]`
+    pub k_proj: Linear<B>,
+    /// `[H_kv·hd, d]`
+    pub v_proj: Linear<B>,
+    /// `[d, H·hd]` (zero in a freshly expanded block)
+    pub o_proj: Linear<B>,
+    /// H.
+    #[module(skip)]
+    pub num_heads: usize,
+    /// H_kv.
+    #[module(skip)]
+    pub num_kv_heads: usize,
+    /// hd.
+    #[module(skip)]
+    pub head_dim: usize,
+    /// Sliding window.
+    #[module(skip)]
+    pub sliding_window: Option<usize>,
+}
+
+/// Cached keys and values of one layer, after RoPE, before head repetition.
+#[derive(Debug, Clone)]
+pub struct LayerCache<B: Backend> {
+    /// `[batch, H_kv, cached, hd]`
+    pub k: Tensor<B, 4>,
+    /// `[batch, H_kv, cached, hd]`
+    pub v: Tensor<B, 4>,
+}
+
+impl<B: Backend> Attention<B> {
+    /// # Shapes
+    /// - x: `[batch, seq, d]`
+    /// - cos, sin: `[seq, hd]` for the positions of `x`
+    /// - output: `[batch, seq, d]`
+    ///
+    /// With `cache`, the new keys/values are appended to it and attention covers cache + new
+    /// positions (the causal boundary is aligned to the last position).
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        cos: Tensor<B, 2>,
+        sin: Tensor<B, 2>,
+        cache: Option<&mut Option<LayerCache<B>>>,
+    ) -> Tensor<B, 3> {
+        let [b, s, _] = x.dims();
+        let (h, kv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self
+            .q_proj
+            .forward(x.clone())
+            .reshape([b, s, h, hd])
+            .swap_dims(1, 2);
+        let k = self
+            .k_proj
+            .forward(x.clone())
+            .reshape([b, s, kv, hd])
+            .swap_dims(1, 2);
+        let v = self
+            .v_proj
+            .forward(x)
+            .reshape([b, s, kv, hd])
+            .swap_dims(1, 2);
+        let q = apply_rope(q, cos.clone(), sin.clone());
+        let k = apply_rope(k, cos, sin);
+
+        let (k, v) = match cache {
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some(c) => (Tensor::cat(vec![c.k, k], 2), Tensor::cat(vec![c.v, v], 2)),
+                    None => (k, v),
+                };
+                *slot = Some(LayerCache {
+                    k: k.clone(),
+                    v: v.clone(),
+                });
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let k = repeat_kv(k, h / kv);
+        let v = repeat_kv(v, h / kv);
+        let kv_len = k.dims()[2];
+
+        let window_mask = match self.sliding_window {
+            Some(w) if kv_len > w => {
+                Some(sliding_window_mask::<B>(b, h, s, kv_len, w, &q.device()))
+            }
+            _ => None,
+        };
+        let out = attention(
+            q,
+            k,
+            v,
+            window_mask,
+            None,
+            AttentionModuleOptions {
+                scale: Some(1.0 / (hd as f64).sqrt()),
+                softcap: None,
+                is_causal: true,
+            },
+        );
+        let out = out.swap_dims(1, 2).reshape([b, s, h * hd]);
+        self.o_proj.forward(out)
+    }
+}
+
+/// Share each K/V head with `n_rep` consecutive query heads (HF `repeat_kv`).
+///
+/// # Shapes
+/// - x: `[batch, H_kv, seq, hd]`
+/// - output: `[batch, H_kv·n_rep, seq, hd]`
+pub fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
+    if n_rep == 1 {
+        return x;
+    }
+    let [b, kv, s, hd] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .expand([b, kv, n_rep, s, hd])
+        .reshape([b, kv * n_rep, s, hd])
+}
+
+/// True where query `i` (absolute position `kv_len - q_len + i`) may not see key `j` because it
+/// is more than `window - 1` positions back (Mistral: `j > i - window` is visible).
+fn sliding_window_mask<B: Backend>(
+    b: usize,
+    h: usize,
+    q_len: usize,
+    kv_len: usize,
+    window: usize,
+    device: &B::Device,
+) -> Tensor<B, 4, Bool> {
+    let offset = (kv_len - q_len) as i64;
+    let rows = Tensor::<B, 1, Int>::arange(0..q_len as i64, device).reshape([q_len, 1]) + offset;
+    let cols = Tensor::<B, 1, Int>::arange(0..kv_len as i64, device).reshape([1, kv_len]);
+    // masked when j <= i - window  ⇔  j + window <= i
+    let mask = (cols + window as i64).lower_equal(rows);
+    mask.reshape([1, 1, q_len, kv_len])
+        .expand([b, h, q_len, kv_len])
+}

@@ -1,0 +1,129 @@
+//! Run-time backend selection: `--device cpu|wgpu[:N]|cuda[:N]`.
+//!
+//! Model code is generic over `B: Backend`; this module is the one place that names concrete
+//! backends. Cargo features only make a backend *available*; the device string picks one.
+
+use std::str::FromStr;
+
+use burn::tensor::backend::{AutodiffBackend, Backend};
+
+use crate::error::{CoreError, Result};
+
+/// A device named on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// burn's Flex CPU backend (pure Rust, SIMD, multi-threaded).
+    Cpu,
+    /// wgpu (Vulkan / Metal / DX12); `None` picks the default adapter, `Some(i)` the i-th discrete GPU.
+    Wgpu(Option<usize>),
+    /// CUDA device `i`.
+    Cuda(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = CoreError;
+    fn from_str(s: &str) -> Result<Self> {
+        let (kind, index) = match s.split_once(':') {
+            Some((k, i)) => {
+                let i = i.parse::<usize>().map_err(|_| {
+                    CoreError::Invalid(format!(
+                        "--device {s:?}: the index after ':' must be a number (e.g. cuda:0)"
+                    ))
+                })?;
+                (k, Some(i))
+            }
+            None => (s, None),
+        };
+        match (kind, index) {
+            ("cpu", None) => Ok(Self::Cpu),
+            ("wgpu", i) => Ok(Self::Wgpu(i)),
+            ("cuda", i) => Ok(Self::Cuda(i.unwrap_or(0))),
+            _ => Err(CoreError::Invalid(format!(
+                "--device {s:?}: expected cpu, wgpu, wgpu:N, cuda or cuda:N"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cpu => write!(f, "cpu"),
+            Self::Wgpu(None) => write!(f, "wgpu"),
+            Self::Wgpu(Some(i)) => write!(f, "wgpu:{i}"),
+            Self::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+/// Work to run on whichever backend the user picked (inference).
+pub trait OnBackend {
+    /// What the work returns.
+    type Output;
+    /// Run on backend `B`.
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output;
+}
+
+/// Work that needs gradients (training).
+pub trait OnAutodiffBackend {
+    /// What the work returns.
+    type Output;
+    /// Run on backend `B`.
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output;
+}
+
+fn not_built(feature: &str) -> CoreError {
+    CoreError::Invalid(format!(
+        "this llama-pro was built without the `{feature}` feature; rebuild with `cargo build --release --features {feature}`"
+    ))
+}
+
+/// Run `task` on the backend named by `spec`.
+pub fn dispatch<T: OnBackend>(spec: DeviceSpec, task: T) -> Result<T::Output> {
+    match spec {
+        #[cfg(feature = "cpu")]
+        DeviceSpec::Cpu => Ok(task.run::<burn::backend::Flex>(Default::default())),
+        #[cfg(feature = "wgpu")]
+        DeviceSpec::Wgpu(i) => Ok(task.run::<burn::backend::Wgpu>(wgpu_device(i))),
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(i) => {
+            Ok(task.run::<burn::backend::Cuda>(burn::backend::cuda::CudaDevice::new(i)))
+        }
+        #[allow(unreachable_patterns)]
+        other => Err(not_built(feature_of(other))),
+    }
+}
+
+/// Run `task` on the autodiff version of the backend named by `spec`.
+pub fn dispatch_autodiff<T: OnAutodiffBackend>(spec: DeviceSpec, task: T) -> Result<T::Output> {
+    use burn::backend::Autodiff;
+    match spec {
+        #[cfg(feature = "cpu")]
+        DeviceSpec::Cpu => Ok(task.run::<Autodiff<burn::backend::Flex>>(Default::default())),
+        #[cfg(feature = "wgpu")]
+        DeviceSpec::Wgpu(i) => Ok(task.run::<Autodiff<burn::backend::Wgpu>>(wgpu_device(i))),
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(i) => {
+            Ok(task.run::<Autodiff<burn::backend::Cuda>>(burn::backend::cuda::CudaDevice::new(i)))
+        }
+        #[allow(unreachable_patterns)]
+        other => Err(not_built(feature_of(other))),
+    }
+}
+
+#[allow(dead_code)]
+fn feature_of(spec: DeviceSpec) -> &'static str {
+    match spec {
+        DeviceSpec::Cpu => "cpu",
+        DeviceSpec::Wgpu(_) => "wgpu",
+        DeviceSpec::Cuda(_) => "cuda",
+    }
+}
+
+#[cfg(feature = "wgpu")]
+fn wgpu_device(i: Option<usize>) -> burn::backend::wgpu::WgpuDevice {
+    match i {
+        None => burn::backend::wgpu::WgpuDevice::DefaultDevice,
+        Some(i) => burn::backend::wgpu::WgpuDevice::DiscreteGpu(i),
+    }
+}

@@ -1,0 +1,357 @@
+//! The LLaMA model and `LlamaForCausalLM`.
+
+use std::path::Path;
+
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::tensor::{FloatDType, Int, Tensor, backend::Backend};
+
+use crate::attention::LayerCache;
+use crate::block::{DecoderLayer, DecoderLayerConfig};
+use crate::config::{DType, HfConfig, LlamaConfig};
+use crate::embedding::{Embedding, EmbeddingConfig};
+use crate::error::Result;
+use crate::linear::{Linear, LinearConfig};
+use crate::norm::{RmsNorm, RmsNormConfig};
+use crate::rope::RotaryEmbedding;
+use crate::weights::{Checkpoint, CheckpointSource, RandomInit, WeightSource};
+
+/// The decoder stack (`model.*` in HF): embeddings, blocks, final norm.
+#[derive(Module, Debug)]
+pub struct LlamaModel<B: Backend> {
+    /// `model.embed_tokens`
+    pub embed_tokens: Embedding<B>,
+    /// `model.layers.{i}`
+    pub layers: Vec<DecoderLayer<B>>,
+    /// `model.norm`
+    pub norm: RmsNorm<B>,
+    /// RoPE frequencies (not a parameter).
+    #[module(skip)]
+    pub rope: RotaryEmbedding,
+}
+
+/// A causal language model: [`LlamaModel`] plus the `lm_head` (absent when tied to the
+/// embeddings).
+#[derive(Module, Debug)]
+pub struct LlamaForCausalLM<B: Backend> {
+    /// `model.*`
+    pub model: LlamaModel<B>,
+    /// `lm_head` (`None` when `tie_word_embeddings`).
+    pub lm_head: Option<Linear<B>>,
+    /// The configuration the model was built from.
+    #[module(skip)]
+    pub config: LlamaConfig,
+}
+
+/// Keys and values of every layer for incremental decoding.
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    /// One slot per layer.
+    pub layers: Vec<Option<LayerCache<B>>>,
+    /// Number of positions already cached.
+    pub len: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// An empty cache for a model with `num_layers` blocks.
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: vec![None; num_layers],
+            len: 0,
+        }
+    }
+}
+
+/// Outputs of [`LlamaForCausalLM::forward_with_hidden`].
+pub struct ForwardOutput<B: Backend> {
+    /// `[batch, seq, vocab]`
+    pub logits: Tensor<B, 3>,
+    /// Output of each decoder block (before the final norm), `[batch, seq, d]` each.
+    pub layer_outputs: Vec<Tensor<B, 3>>,
+    /// Output of the final norm, `[batch, seq, d]`.
+    pub final_hidden: Tensor<B, 3>,
+}
+
+impl LlamaConfig {
+    /// Build a model from any weight source (random init or checkpoint): the one place that
+    /// knows which tensors a model has, with their HF names and shapes.
+    pub fn load<B: Backend, S: WeightSource<B>>(&self, src: &mut S) -> Result<LlamaForCausalLM<B>> {
+        let std = 0.02;
+        let embed_tokens = EmbeddingConfig {
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+        }
+        .load("model.embed_tokens", src, std)?;
+        let block = DecoderLayerConfig::from_model(self);
+        let layers = (0..self.num_hidden_layers)
+            .map(|i| block.load(&format!("model.layers.{i}"), src))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNormConfig {
+            size: self.hidden_size,
+            eps: self.rms_norm_eps,
+        }
+        .load("model.norm", src)?;
+        let lm_head = if self.tie_word_embeddings {
+            None
+        } else {
+            Some(
+                LinearConfig::new(self.hidden_size, self.vocab_size, false)
+                    .load("lm_head", src, std)?,
+            )
+        };
+        Ok(LlamaForCausalLM {
+            model: LlamaModel {
+                embed_tokens,
+                layers,
+                norm,
+                rope: RotaryEmbedding::new(self),
+            },
+            lm_head,
+            config: self.clone(),
+        })
+    }
+
+    /// A randomly initialised model (HF init: normal(0, 0.02) weights, unit norms, zero biases),
+    /// reproducible from `seed` on every backend.
+    pub fn init<B: Backend>(&self, device: &B::Device, seed: u64) -> LlamaForCausalLM<B> {
+        let mut src = RandomInit::<B>::new(device, self.dtype, seed);
+        match self.load(&mut src) {
+            Ok(m) => m,
+            // RandomInit never fails; a failure here is a bug in this crate.
+            Err(e) => unreachable!("random initialisation failed: {e}"),
+        }
+    }
+}
+
+impl<B: Backend> LlamaForCausalLM<B> {
+    /// Load a HuggingFace model directory (`config.json` + safetensors) onto `device`, converting
+    /// the weights to `dtype` (default: f32). Every tensor must be present with the configured
+    /// shape, and the checkpoint must hold no other tensor.
+    pub fn from_pretrained(
+        dir: impl AsRef<Path>,
+        device: &B::Device,
+        dtype: Option<DType>,
+    ) -> Result<(Self, HfConfig)> {
+        let dir = dir.as_ref();
+        let hf = HfConfig::from_path(dir)?;
+        let ckpt = Checkpoint::open(dir)?;
+        let model = Self::from_checkpoint(&hf.config, &ckpt, device, dtype.unwrap_or(DType::F32))?;
+        Ok((model, hf))
+    }
+
+    /// Build from an opened checkpoint.
+    pub fn from_checkpoint(
+        config: &LlamaConfig,
+        ckpt: &Checkpoint,
+        device: &B::Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let mut src = CheckpointSource::<B>::new(ckpt, device, dtype);
+        let model = config.load(&mut src)?;
+        let tied = config.tie_word_embeddings;
+        // Old checkpoints carry RoPE buffers; tied ones sometimes a redundant lm_head copy.
+        src.finish(|n| n.ends_with("rotary_emb.inv_freq") || (tied && n == "lm_head.weight"))?;
+        Ok(model)
+    }
+
+    /// Dtype of the weights (the dtype activations are computed in).
+    pub fn dtype(&self) -> DType {
+        match self.model.embed_tokens.weight.val().dtype() {
+            burn::tensor::DType::BF16 => DType::BF16,
+            burn::tensor::DType::F16 => DType::F16,
+            _ => DType::F32,
+        }
+    }
+
+    /// Logits for every position.
+    ///
+    /// # Shapes
+    /// - input_ids: `[batch, seq]`
+    /// - output: `[batch, seq, vocab]`
+    pub fn forward(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let (h, _) = self.hidden(input_ids, None, false);
+        self.head(h)
+    }
+
+    /// Logits plus every block's output (for parity tests against transformers).
+    pub fn forward_with_hidden(&self, input_ids: Tensor<B, 2, Int>) -> ForwardOutput<B> {
+        let (h, layer_outputs) = self.hidden(input_ids, None, true);
+        ForwardOutput {
+            logits: self.head(h.clone()),
+            layer_outputs,
+            final_hidden: h,
+        }
+    }
+
+    /// Incremental forward: `input_ids` continue the sequence held in `cache`, which is updated.
+    ///
+    /// # Shapes
+    /// - input_ids: `[batch, new]`
+    /// - output: `[batch, new, vocab]`
+    pub fn forward_cached(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+    ) -> Tensor<B, 3> {
+        let (h, _) = self.hidden(input_ids, Some(cache), false);
+        self.head(h)
+    }
+
+    fn hidden(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        mut cache: Option<&mut KvCache<B>>,
+        keep: bool,
+    ) -> (Tensor<B, 3>, Vec<Tensor<B, 3>>) {
+        let [_, s] = input_ids.dims();
+        let device = input_ids.device();
+        let start = cache.as_ref().map_or(0, |c| c.len);
+        let mut x = self.model.embed_tokens.forward(input_ids);
+        let (cos, sin) = self.model.rope.tables::<B>(start, s, self.dtype(), &device);
+        let mut outs = Vec::new();
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let slot = cache.as_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward(x, cos.clone(), sin.clone(), slot);
+            if keep {
+                outs.push(x.clone());
+            }
+        }
+        if let Some(c) = cache {
+            c.len += s;
+        }
+        (self.model.norm.forward(x), outs)
+    }
+
+    /// Project final hidden states to vocabulary logits (tied: `h · embed_tokensᵀ`).
+    pub fn head(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lm_head {
+            Some(head) => head.forward(h),
+            None => burn::tensor::module::linear(
+                h,
+                self.model.embed_tokens.weight.val().transpose(),
+                None,
+            ),
+        }
+    }
+
+    /// Every parameter with its HF name, in module order (`model.layers.0.self_attn.q_proj.weight`…).
+    pub fn named_parameters(&self) -> Vec<NamedParam<B>> {
+        let mut v = NamedParams {
+            path: Vec::new(),
+            out: Vec::new(),
+        };
+        self.visit(&mut v);
+        v.out
+    }
+
+    /// Number of parameters.
+    pub fn num_parameters(&self) -> usize {
+        self.num_params()
+    }
+}
+
+/// A parameter with its HF name. 1-D and 2-D parameters are both flattened into this view.
+#[derive(Debug, Clone)]
+pub struct NamedParam<B: Backend> {
+    /// HF tensor name.
+    pub name: String,
+    /// Parameter id (for optimizers and gradients).
+    pub id: ParamId,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// The value, flattened to 1-D (a view; no copy).
+    pub value: Tensor<B, 1>,
+}
+
+/// Collects parameters with their field paths: the derive calls `enter_module(field)` for
+/// every field (and the index for `Vec` elements) before visiting the parameter itself.
+struct NamedParams<B: Backend> {
+    path: Vec<String>,
+    out: Vec<NamedParam<B>>,
+}
+
+impl<B: Backend> ModuleVisitor<B> for NamedParams<B> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let tensor = param.val();
+        let shape = tensor.dims().to_vec();
+        let n: usize = shape.iter().product();
+        self.out.push(NamedParam {
+            name: self.path.join("."),
+            id: param.id,
+            shape,
+            value: tensor.reshape([n]),
+        });
+    }
+}
+
+/// Mean causal-LM cross-entropy over the positions where `mask` is true, transformers-style:
+/// position `t` predicts token `t+1`; logits are upcast to f32 first.
+///
+/// Returns `(sum of token losses, number of predicted tokens)` so that callers can aggregate
+/// over batches exactly as one mean over all tokens.
+///
+/// # Shapes
+/// - logits: `[batch, seq, vocab]`
+/// - input_ids: `[batch, seq]`
+/// - mask: `[batch, seq]`, 1.0 for real tokens, 0.0 for padding (float, any dtype)
+pub fn causal_lm_loss_sum<B: Backend>(
+    logits: Tensor<B, 3>,
+    input_ids: Tensor<B, 2, Int>,
+    mask: Tensor<B, 2>,
+) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    let [b, s, v] = logits.dims();
+    let logits = logits.narrow(1, 0, s - 1).cast(FloatDType::F32);
+    let targets = input_ids.narrow(1, 1, s - 1);
+    // A position contributes when both it and its target are real tokens.
+    let mask = mask.clone().narrow(1, 1, s - 1).cast(FloatDType::F32)
+        * mask.narrow(1, 0, s - 1).cast(FloatDType::F32);
+    let log_probs = burn::tensor::activation::log_softmax(logits, 2);
+    let picked = log_probs
+        .gather(2, targets.reshape([b, s - 1, 1]))
+        .reshape([b, s - 1]);
+    let _ = v;
+    let nll = picked.neg() * mask.clone();
+    (nll.sum(), mask.sum())
+}
+
+impl<B: burn::tensor::backend::AutodiffBackend> LlamaForCausalLM<B> {
+    /// The gradient of every parameter by HF name after `loss.backward()` (`None` for frozen
+    /// parameters and parameters the loss does not depend on), flattened to 1-D.
+    pub fn named_grads(
+        &self,
+        grads: &B::Gradients,
+    ) -> Vec<(String, Option<Tensor<B::InnerBackend, 1>>)> {
+        struct V<'g, B: burn::tensor::backend::AutodiffBackend> {
+            path: Vec<String>,
+            grads: &'g B::Gradients,
+            out: Vec<(String, Option<Tensor<B::InnerBackend, 1>>)>,
+        }
+        impl<B: burn::tensor::backend::AutodiffBackend> ModuleVisitor<B> for V<'_, B> {
+            fn enter_module(&mut self, name: &str, _: &str) {
+                self.path.push(name.to_string());
+            }
+            fn exit_module(&mut self, _: &str, _: &str) {
+                self.path.pop();
+            }
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+                let g = param.val().grad(self.grads).map(|g| {
+                    let n = g.shape().num_elements();
+                    g.reshape([n])
+                });
+                self.out.push((self.path.join("."), g));
+            }
+        }
+        let mut v = V::<B> {
+            path: Vec::new(),
+            grads,
+            out: Vec::new(),
+        };
+        self.visit(&mut v);
+        v.out
+    }
+}

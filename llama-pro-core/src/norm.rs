@@ -1,0 +1,62 @@
+//! RMSNorm with HuggingFace semantics.
+
+use burn::module::{Module, Param};
+use burn::tensor::{FloatDType, Tensor, backend::Backend};
+
+use crate::error::Result;
+use crate::weights::{Init, WeightSource};
+
+/// Configuration of an [`RmsNorm`].
+#[derive(Debug, Clone, Copy)]
+pub struct RmsNormConfig {
+    /// Normalised width.
+    pub size: usize,
+    /// ε added to the mean square.
+    pub eps: f64,
+}
+
+/// `y = w ⊙ cast(x / sqrt(mean(x²) + ε))`, where the statistic and the normalisation are
+/// computed in f32 and the result is cast back to the input dtype before the scale (exactly
+/// `LlamaRMSNorm`). The weight is called `weight` as in HF.
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    /// Scale, `[size]`.
+    pub weight: Param<Tensor<B, 1>>,
+    /// ε.
+    #[module(skip)]
+    pub eps: f64,
+}
+
+impl RmsNormConfig {
+    /// Build from `src` (`{prefix}.weight`, ones when random).
+    pub fn load<B: Backend, S: WeightSource<B>>(
+        &self,
+        prefix: &str,
+        src: &mut S,
+    ) -> Result<RmsNorm<B>> {
+        Ok(RmsNorm {
+            weight: src.param(&format!("{prefix}.weight"), [self.size], Init::Ones)?,
+            eps: self.eps,
+        })
+    }
+}
+
+impl<B: Backend> RmsNorm<B> {
+    /// # Shapes
+    /// - input: `[..., size]`
+    /// - output: same as input
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dtype = x.dtype();
+        let xf = x.cast(FloatDType::F32);
+        let variance = xf.clone().square().mean_dim(D - 1);
+        let normed = xf * (variance + self.eps).sqrt().recip();
+        let normed = normed.cast(dtype);
+        let w = self.weight.val();
+        if w.dtype() == dtype {
+            w.unsqueeze::<D>() * normed
+        } else {
+            // Mixed dtypes promote to f32, as torch's `weight * x` does.
+            w.cast(FloatDType::F32).unsqueeze::<D>() * normed.cast(FloatDType::F32)
+        }
+    }
+}

@@ -1,0 +1,344 @@
+//! Write a HuggingFace model directory that `transformers` loads.
+//!
+//! `config.json` (every original key kept, counts and dtype updated), `model.safetensors` or
+//! shards plus `model.safetensors.index.json` above a size threshold, tokenizer and generation
+//! files copied from the source directory. A tied `lm_head` is not written (transformers re-ties
+//! it). Everything is written into a temporary sibling directory which is then renamed, so a
+//! crash never leaves a half-written model behind.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+use half::{bf16, f16};
+use safetensors::{Dtype as StDtype, View};
+use serde_json::{Map, Value};
+
+use crate::config::{DType, HfConfig};
+use crate::error::{CoreError, Result};
+use crate::model::LlamaForCausalLM;
+
+/// Files copied verbatim from the source model directory when present.
+pub const COPIED_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+];
+
+/// Options of [`save_pretrained`].
+#[derive(Debug, Clone)]
+pub struct SaveOptions {
+    /// Storage dtype; `None` keeps the dtype of the source checkpoint (`config.dtype`).
+    pub dtype: Option<DType>,
+    /// Shard when the weights exceed this many bytes (transformers' default is 5 GB).
+    pub max_shard_bytes: usize,
+    /// Replace an existing non-empty output directory.
+    pub overwrite: bool,
+}
+
+impl Default for SaveOptions {
+    fn default() -> Self {
+        Self {
+            dtype: None,
+            max_shard_bytes: 5_000_000_000,
+            overwrite: false,
+        }
+    }
+}
+
+/// A tensor ready to be written: little-endian bytes in its storage dtype.
+#[derive(Debug, Clone)]
+pub struct OwnedTensor {
+    /// Storage dtype.
+    pub dtype: DType,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Little-endian bytes.
+    pub bytes: Vec<u8>,
+}
+
+impl View for OwnedTensor {
+    fn dtype(&self) -> StDtype {
+        match self.dtype {
+            DType::F32 => StDtype::F32,
+            DType::F16 => StDtype::F16,
+            DType::BF16 => StDtype::BF16,
+        }
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+/// Convert f32 values to little-endian bytes of `dtype` (round to nearest even, as torch).
+pub fn f32_to_bytes(values: &[f32], dtype: DType) -> Vec<u8> {
+    match dtype {
+        DType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::F16 => values
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        DType::BF16 => values
+            .iter()
+            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+            .collect(),
+    }
+}
+
+/// Save `model` as a HuggingFace directory at `out`.
+///
+/// `hf` supplies the original `config.json` keys; `source_dir` (usually the directory the model
+/// was loaded from) supplies tokenizer and generation files.
+pub fn save_pretrained<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    hf: &HfConfig,
+    source_dir: Option<&Path>,
+    out: &Path,
+    opts: &SaveOptions,
+) -> Result<()> {
+    let dtype = opts.dtype.unwrap_or(model.config.dtype);
+    let mut tensors = Vec::new();
+    for p in model.named_parameters() {
+        let data = p.value.into_data();
+        let bytes = match (data.dtype, dtype) {
+            (burn::tensor::DType::F32, DType::F32)
+            | (burn::tensor::DType::BF16, DType::BF16)
+            | (burn::tensor::DType::F16, DType::F16) => data.as_bytes().to_vec(),
+            _ => {
+                let values = data
+                    .convert::<f32>()
+                    .into_vec::<f32>()
+                    .map_err(|e| CoreError::Invalid(format!("reading {}: {e:?}", p.name)))?;
+                f32_to_bytes(&values, dtype)
+            }
+        };
+        tensors.push((
+            p.name,
+            OwnedTensor {
+                dtype,
+                shape: p.shape,
+                bytes,
+            },
+        ));
+    }
+    let mut config = model.config.clone();
+    config.dtype = dtype;
+    let json = hf.to_json(&config);
+    write_model_dir(out, &json, tensors, source_dir, opts)
+}
+
+/// Write config, weights and copied files into `out` atomically (temp dir + rename).
+pub fn write_model_dir<V: View>(
+    out: &Path,
+    config_json: &Map<String, Value>,
+    tensors: Vec<(String, V)>,
+    source_dir: Option<&Path>,
+    opts: &SaveOptions,
+) -> Result<()> {
+    let tmp = begin_atomic_dir(out, opts.overwrite)?;
+    let result = (|| {
+        write_json(
+            &tmp.join("config.json"),
+            &Value::Object(config_json.clone()),
+        )?;
+        write_weights(&tmp, tensors, opts.max_shard_bytes)?;
+        if let Some(src) = source_dir {
+            copy_support_files(src, &tmp)?;
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => commit_atomic_dir(&tmp, out),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// Copy tokenizer and generation files that exist in `src` into `dst`.
+pub fn copy_support_files(src: &Path, dst: &Path) -> Result<()> {
+    for f in COPIED_FILES {
+        let from = src.join(f);
+        if from.is_file() {
+            std::fs::copy(&from, dst.join(f)).map_err(|e| CoreError::io(&from, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Write `value` as pretty JSON.
+pub fn write_json(path: &Path, value: &Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|source| CoreError::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    std::fs::write(path, text + "\n").map_err(|e| CoreError::io(path, e))
+}
+
+/// A tensor to write whose bytes are produced only when the file is written: borrowed from a
+/// memory-mapped checkpoint, or zeros. Streaming expansion uses it so that only one tensor is
+/// ever held in memory.
+#[derive(Debug, Clone)]
+pub struct LazyTensor<'a> {
+    /// Storage dtype.
+    pub dtype: DType,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Where the bytes come from.
+    pub data: LazyBytes<'a>,
+}
+
+/// Bytes of a [`LazyTensor`].
+#[derive(Debug, Clone)]
+pub enum LazyBytes<'a> {
+    /// Little-endian bytes borrowed from a mapped file.
+    Borrowed(&'a [u8]),
+    /// `n` zero bytes (exact zeros in every float format).
+    Zeros(usize),
+}
+
+impl View for LazyTensor<'_> {
+    fn dtype(&self) -> StDtype {
+        match self.dtype {
+            DType::F32 => StDtype::F32,
+            DType::F16 => StDtype::F16,
+            DType::BF16 => StDtype::BF16,
+        }
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        match &self.data {
+            LazyBytes::Borrowed(b) => Cow::Borrowed(b),
+            LazyBytes::Zeros(n) => Cow::Owned(vec![0u8; *n]),
+        }
+    }
+    fn data_len(&self) -> usize {
+        match &self.data {
+            LazyBytes::Borrowed(b) => b.len(),
+            LazyBytes::Zeros(n) => *n,
+        }
+    }
+}
+
+/// Write safetensors weights into `dir`: one `model.safetensors` if they fit in
+/// `max_shard_bytes`, else `model-0000i-of-0000n.safetensors` shards (greedy, in the given order,
+/// as transformers does) with `model.safetensors.index.json`. Returns the files written.
+pub fn write_weights<V: View>(
+    dir: &Path,
+    tensors: Vec<(String, V)>,
+    max_shard_bytes: usize,
+) -> Result<Vec<PathBuf>> {
+    let total: usize = tensors.iter().map(|(_, t)| t.data_len()).sum();
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    if total <= max_shard_bytes {
+        let path = dir.join("model.safetensors");
+        safetensors::serialize_to_file(tensors, Some(meta), &path).map_err(|e| {
+            CoreError::Safetensors {
+                path: path.clone(),
+                message: e.to_string(),
+            }
+        })?;
+        return Ok(vec![path]);
+    }
+    let mut shards: Vec<Vec<(String, V)>> = vec![vec![]];
+    let mut size = 0;
+    for t in tensors {
+        let n = t.1.data_len();
+        if size > 0 && size + n > max_shard_bytes {
+            shards.push(vec![]);
+            size = 0;
+        }
+        if let Some(s) = shards.last_mut() {
+            s.push(t);
+        }
+        size += n;
+    }
+    let count = shards.len();
+    let mut weight_map = BTreeMap::new();
+    let mut files = Vec::new();
+    for (i, shard) in shards.into_iter().enumerate() {
+        let name = format!("model-{:05}-of-{:05}.safetensors", i + 1, count);
+        for (n, _) in &shard {
+            weight_map.insert(n.clone(), Value::String(name.clone()));
+        }
+        let path = dir.join(&name);
+        safetensors::serialize_to_file(shard, Some(meta.clone()), &path).map_err(|e| {
+            CoreError::Safetensors {
+                path: path.clone(),
+                message: e.to_string(),
+            }
+        })?;
+        files.push(path);
+    }
+    let index = serde_json::json!({
+        "metadata": {"total_size": total},
+        "weight_map": weight_map,
+    });
+    let index_path = dir.join("model.safetensors.index.json");
+    write_json(&index_path, &index)?;
+    files.push(index_path);
+    Ok(files)
+}
+
+/// Create an empty temporary directory next to `out` (same filesystem, so the final rename is
+/// atomic). Fails if `out` exists, is not empty and `overwrite` is false.
+pub fn begin_atomic_dir(out: &Path, overwrite: bool) -> Result<PathBuf> {
+    if out.exists() {
+        let empty = std::fs::read_dir(out)
+            .map_err(|e| CoreError::io(out, e))?
+            .next()
+            .is_none();
+        if !empty && !overwrite {
+            return Err(CoreError::Invalid(format!(
+                "output directory {} exists and is not empty (pass --overwrite to replace it)",
+                out.display()
+            )));
+        }
+    }
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| CoreError::io(&parent, e))?;
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "model".into());
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| CoreError::io(&tmp, e))?;
+    }
+    std::fs::create_dir(&tmp).map_err(|e| CoreError::io(&tmp, e))?;
+    Ok(tmp)
+}
+
+/// Move a finished temporary directory to `out`, replacing what was there.
+pub fn commit_atomic_dir(tmp: &Path, out: &Path) -> Result<()> {
+    if out.exists() {
+        let old = tmp.with_extension("old");
+        std::fs::rename(out, &old).map_err(|e| CoreError::io(out, e))?;
+        std::fs::rename(tmp, out).map_err(|e| CoreError::io(out, e))?;
+        let _ = std::fs::remove_dir_all(&old);
+    } else {
+        std::fs::rename(tmp, out).map_err(|e| CoreError::io(out, e))?;
+    }
+    Ok(())
+}

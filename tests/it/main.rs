@@ -1,0 +1,11 @@
+//! Integration tests (one binary, as CI builds it once).
+//!
+//! Fixtures under `tests/fixtures` were made by `scripts/make_fixtures.py` with transformers
+//! (versions in `tests/fixtures/VERSIONS.txt`); no Python is needed to run these tests.
+
+mod cli;
+mod common;
+mod expansion;
+mod generation;
+mod io;
+mod parity;

@@ -1,0 +1,182 @@
+//! Our LLaMA against transformers' outputs on the golden fixtures.
+
+use burn::tensor::backend::Backend;
+use llama_pro::core::model::causal_lm_loss_sum;
+use llama_pro::core::{DType, KvCache, LlamaForCausalLM};
+
+use crate::common::*;
+
+/// Logits, every block output, the final norm, losses and KV-cache logits in f32 ≤ 1e-4.
+pub fn parity_on<B: Backend>(device: &B::Device) {
+    for name in MODELS {
+        let golden = Golden::open(name);
+        let (model, _) =
+            LlamaForCausalLM::<B>::from_pretrained(model_dir(name), device, Some(DType::F32))
+                .unwrap();
+        let ids = golden.ids::<B>("input_ids", device);
+        let out = model.forward_with_hidden(ids.clone());
+        // bf16 checkpoints: transformers computed `logits_f32` with the same weights upcast.
+        let logits_key = if golden.has("logits_f32") {
+            "logits_f32"
+        } else {
+            "logits"
+        };
+        assert_close(name, out.logits.clone(), &golden, logits_key, 1e-4);
+        if logits_key == "logits" {
+            for (i, h) in out.layer_outputs.into_iter().enumerate() {
+                assert_close(name, h, &golden, &format!("layer_{i}"), 1e-4);
+            }
+            assert_close(name, out.final_hidden, &golden, "final_hidden", 1e-4);
+
+            // Loss with labels = input_ids.
+            let mask = burn::tensor::Tensor::<B, 2>::ones(ids.dims(), device);
+            let (s, c) = causal_lm_loss_sum(out.logits.clone(), ids.clone(), mask);
+            let loss = to_vec(s).0[0] / to_vec(c).0[0];
+            let want = golden.f32("loss").0[0];
+            println!("{name:<28} loss ours {loss:.7} transformers {want:.7}");
+            assert!((loss - want).abs() <= 1e-5, "{name}: loss {loss} vs {want}");
+
+            // Right-padded batch: pad positions ignored as labels -100.
+            let pids = golden.ids::<B>("pad_input_ids", device);
+            let (m, shape) = golden.i64("pad_mask");
+            let mask = burn::tensor::Tensor::<B, 2>::from_data(
+                burn::tensor::TensorData::new(
+                    m.iter().map(|&x| x as f32).collect::<Vec<_>>(),
+                    [shape[0], shape[1]],
+                ),
+                device,
+            );
+            let (s, c) = causal_lm_loss_sum(model.forward(pids.clone()), pids, mask);
+            let loss = to_vec(s).0[0] / to_vec(c).0[0];
+            let want = golden.f32("pad_loss").0[0];
+            assert!(
+                (loss - want).abs() <= 1e-5,
+                "{name}: padded loss {loss} vs {want}"
+            );
+
+            // KV cache: prefix then single steps, against transformers and our full forward.
+            let (all, _) = golden.i64("input_ids");
+            let seq = all.len() / 2;
+            let prefix = 10;
+            let mut cache = KvCache::new(model.config.num_hidden_layers);
+            let row: Vec<i64> = all[..seq].to_vec();
+            let t = |v: Vec<i64>| {
+                let n = v.len();
+                burn::tensor::Tensor::<B, 2, burn::tensor::Int>::from_data(
+                    burn::tensor::TensorData::new(v, [1, n]),
+                    device,
+                )
+            };
+            let pl = model.forward_cached(t(row[..prefix].to_vec()), &mut cache);
+            assert_close(name, pl, &golden, "kv_prefix_logits", 1e-4);
+            let full = model.forward(t(row.clone()));
+            let mut steps = Vec::new();
+            let mut worst_vs_full = 0f32;
+            for p in prefix..seq {
+                let l = model.forward_cached(t(vec![row[p]]), &mut cache);
+                let (lv, _) = to_vec(l.clone());
+                let (fv, _) = to_vec(full.clone().narrow(1, p, 1));
+                worst_vs_full = worst_vs_full.max(max_abs_diff(&lv, &fv));
+                steps.push(l.reshape([1, model.config.vocab_size]));
+            }
+            println!("{name:<28} kv-cache vs full forward max|Δ| = {worst_vs_full:.3e}");
+            assert!(
+                worst_vs_full <= 1e-5,
+                "{name}: KV-cache logits differ from the full forward by {worst_vs_full}"
+            );
+            assert_close(
+                name,
+                burn::tensor::Tensor::cat(steps, 0),
+                &golden,
+                "kv_step_logits",
+                1e-4,
+            );
+        }
+    }
+}
+
+#[test]
+fn parity_with_transformers_f32_cpu() {
+    parity_on::<Cpu>(&Default::default());
+}
+
+/// bf16 checkpoint computed in bf16: the same function up to bf16 rounding (transformers' eager
+/// attention does its softmax in f32, ours in bf16), so the bound is loose but would still catch
+/// a wrong operation (logits are O(1) here).
+#[test]
+fn parity_with_transformers_bf16_compute() {
+    let device = Default::default();
+    let name = "llama3-gqa-headdim-bf16";
+    let golden = Golden::open(name);
+    let (model, _) =
+        LlamaForCausalLM::<Cpu>::from_pretrained(model_dir(name), &device, Some(DType::BF16))
+            .unwrap();
+    assert_eq!(model.dtype(), DType::BF16);
+    let logits = model.forward(golden.ids::<Cpu>("input_ids", &device));
+    let d = assert_close(name, logits.clone(), &golden, "logits", 0.1);
+    let (l, _) = to_vec(logits);
+    let scale = l.iter().fold(0f32, |m, x| m.max(x.abs()));
+    println!("bf16 logits: max|Δ| {d:.3e} for max|logit| {scale:.2}");
+}
+
+/// Runs the same parity test on wgpu when built with `--features wgpu` and an adapter exists
+/// (opt in with LLAMA_PRO_TEST_WGPU=1: on a CPU-only machine the software adapter takes minutes).
+#[cfg(feature = "wgpu")]
+#[test]
+fn parity_with_transformers_f32_wgpu() {
+    if std::env::var("LLAMA_PRO_TEST_WGPU").is_err() {
+        eprintln!("skipped: set LLAMA_PRO_TEST_WGPU=1 to run on wgpu");
+        return;
+    }
+    parity_on::<burn::backend::Wgpu>(&Default::default());
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn parity_with_transformers_f32_cuda() {
+    if std::env::var("LLAMA_PRO_TEST_CUDA").is_err() {
+        eprintln!("skipped: set LLAMA_PRO_TEST_CUDA=1 to run on CUDA");
+        return;
+    }
+    parity_on::<burn::backend::Cuda>(&Default::default());
+}
+
+#[test]
+fn tokenizer_matches_transformers() {
+    let dir = fixtures().join("tokenizer");
+    let tok = llama_pro::core::Tokenizer::from_dir(&dir, Some(1), &[2]).unwrap();
+    let cases: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("tokenizer_cases.json")).unwrap(),
+    )
+    .unwrap();
+    let cases = cases.as_array().unwrap();
+    assert!(cases.len() >= 5);
+    for c in cases {
+        let text = c["text"].as_str().unwrap();
+        let want: Vec<u32> = c["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(tok.encode(text, true).unwrap(), want, "text {text:?}");
+    }
+    // EOS comes from tokenizer_config.json when neither generation nor model config give it.
+    let t2 = llama_pro::core::Tokenizer::from_dir(&dir, None, &[]).unwrap();
+    assert_eq!(t2.eos_token_ids, vec![2]);
+}
+
+/// Identities that do not need transformers: RMSNorm of a constant row is the weight.
+#[test]
+fn rmsnorm_of_constant_rows_is_the_weight() {
+    use llama_pro::core::norm::RmsNormConfig;
+    use llama_pro::core::weights::RandomInit;
+    let device = Default::default();
+    let mut src = RandomInit::<Cpu>::new(&device, DType::F32, 0);
+    let norm = RmsNormConfig { size: 8, eps: 0.0 }
+        .load("n", &mut src)
+        .unwrap();
+    let x = burn::tensor::Tensor::<Cpu, 2>::full([3, 8], 2.5, &device);
+    let (y, _) = to_vec(norm.forward(x));
+    assert!(y.iter().all(|v| (v - 1.0).abs() < 1e-6), "{y:?}");
+}
