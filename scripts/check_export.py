@@ -9,6 +9,8 @@ Default models: every directory under tests/fixtures/models. For each, `llama-pr
 export (same dtype, and once more sharded into bf16), which transformers loads with
 `output_loading_info=True`; any missing, unexpected or mismatched key fails the check, as does a
 logit difference (the export must be bitwise identical, so the logits must be equal).
+Each model is also expanded by `llama-pro expand` (several layouts); transformers must load the
+expanded directory and give exactly the base model's logits.
 """
 
 import argparse
@@ -71,6 +73,23 @@ def main():
                 failures += not ok
                 print(f"{'ok ' if ok else 'FAIL'} {Path(src).name:<28} {label:<14} max|Δlogits| = {diff:.3e} "
                       f"loading problems: {problems or 'none'}")
+        # Block expansion: the expanded export loads and computes exactly the base model's logits.
+        for layout in (["--groups", "2"], ["--groups", "2", "--copies", "2"], ["--top", "1"], ["--bottom", "2"]):
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "expanded"
+                subprocess.run([args.bin, "expand", "--model", src, "--output", str(out), *layout], check=True,
+                               stdout=subprocess.DEVNULL)
+                model, info = load(out)
+                problems = {k: v for k, v in info.items() if v and k in
+                            ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")}
+                with torch.no_grad():
+                    got = model(input_ids=ids).logits.float()
+                diff = (got - want).abs().max().item()
+                ok = not problems and diff == 0.0 and model.config.num_hidden_layers > ref.config.num_hidden_layers
+                failures += not ok
+                print(f"{'ok ' if ok else 'FAIL'} {Path(src).name:<28} expand {' '.join(layout):<18} "
+                      f"{ref.config.num_hidden_layers}->{model.config.num_hidden_layers} layers, "
+                      f"max|Δlogits| vs base = {diff:.3e} loading problems: {problems or 'none'}")
     print(f"{failures} failure(s)")
     return 1 if failures else 0
 

@@ -456,24 +456,24 @@ pub fn expand_checkpoint(
             None => others.push(name.to_string()),
         }
     }
-    let lazy = |name: &str, zero: bool| -> Result<LazyTensor<'_>> {
+    let lazy = |name: &str, zero: bool| -> Result<LazyTensor> {
         let meta = ckpt.meta(name).ok_or_else(|| CoreError::UnsupportedDtype {
             path: ckpt.file_of(name),
             name: name.to_string(),
             dtype: "non-float".into(),
         })?;
-        let (bytes, _, _) = ckpt.raw(name)?;
+        let (path, offset, len) = ckpt.location(name)?;
         Ok(LazyTensor {
             dtype: meta.dtype,
             shape: meta.shape,
             data: if zero {
-                LazyBytes::Zeros(bytes.len())
+                LazyBytes::Zeros(len)
             } else {
-                LazyBytes::Borrowed(bytes)
+                LazyBytes::File { path, offset, len }
             },
         })
     };
-    let mut tensors: Vec<(String, LazyTensor<'_>)> = Vec::new();
+    let mut tensors: Vec<(String, LazyTensor)> = Vec::new();
     // Module order, as transformers writes: embeddings, layers, then the rest.
     for n in others
         .iter()
@@ -498,7 +498,7 @@ pub fn expand_checkpoint(
     }
     let bytes_written = tensors
         .iter()
-        .map(|(_, t)| safetensors::View::data_len(t))
+        .map(|(_, t)| crate::save::TensorSource::byte_len(t))
         .sum();
 
     let full = previous.then(&map);

@@ -6,13 +6,13 @@
 //! it). Everything is written into a temporary sibling directory which is then renamed, so a
 //! crash never leaves a half-written model behind.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
 use half::{bf16, f16};
-use safetensors::{Dtype as StDtype, View};
+use safetensors::Dtype as StDtype;
 use serde_json::{Map, Value};
 
 use crate::config::{DType, HfConfig};
@@ -65,22 +65,36 @@ pub struct OwnedTensor {
     pub bytes: Vec<u8>,
 }
 
-impl View for OwnedTensor {
-    fn dtype(&self) -> StDtype {
-        match self.dtype {
-            DType::F32 => StDtype::F32,
-            DType::F16 => StDtype::F16,
-            DType::BF16 => StDtype::BF16,
-        }
+/// A tensor to be written: dtype, shape and a way to produce its bytes.
+///
+/// We write safetensors files ourselves (the header through the `safetensors` crate's
+/// [`Metadata`](safetensors::tensor::Metadata)) instead of `safetensors::serialize_to_file`,
+/// because its `View::data` cannot fail and must return a whole tensor at once: streaming a
+/// checkpoint from disk needs fallible, chunked reads to keep memory bounded.
+pub trait TensorSource {
+    /// Storage dtype.
+    fn dtype(&self) -> DType;
+    /// Shape.
+    fn shape(&self) -> &[usize];
+    /// Number of bytes.
+    fn byte_len(&self) -> usize;
+    /// Write the little-endian bytes.
+    fn write_to(&self, w: &mut dyn Write) -> Result<()>;
+}
+
+impl TensorSource for OwnedTensor {
+    fn dtype(&self) -> DType {
+        self.dtype
     }
     fn shape(&self) -> &[usize] {
         &self.shape
     }
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(&self.bytes)
-    }
-    fn data_len(&self) -> usize {
+    fn byte_len(&self) -> usize {
         self.bytes.len()
+    }
+    fn write_to(&self, w: &mut dyn Write) -> Result<()> {
+        w.write_all(&self.bytes)
+            .map_err(|e| CoreError::io("<output>", e))
     }
 }
 
@@ -142,10 +156,10 @@ pub fn save_pretrained<B: Backend>(
 }
 
 /// Write config, weights and copied files into `out` atomically (temp dir + rename).
-pub fn write_model_dir<V: View>(
+pub fn write_model_dir<T: TensorSource>(
     out: &Path,
     config_json: &Map<String, Value>,
-    tensors: Vec<(String, V)>,
+    tensors: Vec<(String, T)>,
     source_dir: Option<&Path>,
     opts: &SaveOptions,
 ) -> Result<()> {
@@ -190,78 +204,144 @@ pub fn write_json(path: &Path, value: &Value) -> Result<()> {
     std::fs::write(path, text + "\n").map_err(|e| CoreError::io(path, e))
 }
 
-/// A tensor to write whose bytes are produced only when the file is written: borrowed from a
-/// memory-mapped checkpoint, or zeros. Streaming expansion uses it so that only one tensor is
-/// ever held in memory.
+/// A tensor whose bytes are produced only when the file is written: read in chunks from a
+/// range of an existing file, or zeros. Streaming expansion uses it, so memory stays at one
+/// chunk whatever the model size.
 #[derive(Debug, Clone)]
-pub struct LazyTensor<'a> {
+pub struct LazyTensor {
     /// Storage dtype.
     pub dtype: DType,
     /// Shape.
     pub shape: Vec<usize>,
     /// Where the bytes come from.
-    pub data: LazyBytes<'a>,
+    pub data: LazyBytes,
 }
 
 /// Bytes of a [`LazyTensor`].
 #[derive(Debug, Clone)]
-pub enum LazyBytes<'a> {
-    /// Little-endian bytes borrowed from a mapped file.
-    Borrowed(&'a [u8]),
+pub enum LazyBytes {
+    /// `len` bytes at `offset` of `path`.
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Byte offset.
+        offset: u64,
+        /// Byte count.
+        len: usize,
+    },
     /// `n` zero bytes (exact zeros in every float format).
     Zeros(usize),
 }
 
-impl View for LazyTensor<'_> {
-    fn dtype(&self) -> StDtype {
-        match self.dtype {
-            DType::F32 => StDtype::F32,
-            DType::F16 => StDtype::F16,
-            DType::BF16 => StDtype::BF16,
-        }
+const CHUNK: usize = 16 << 20;
+
+impl TensorSource for LazyTensor {
+    fn dtype(&self) -> DType {
+        self.dtype
     }
     fn shape(&self) -> &[usize] {
         &self.shape
     }
-    fn data(&self) -> Cow<'_, [u8]> {
+    fn byte_len(&self) -> usize {
         match &self.data {
-            LazyBytes::Borrowed(b) => Cow::Borrowed(b),
-            LazyBytes::Zeros(n) => Cow::Owned(vec![0u8; *n]),
-        }
-    }
-    fn data_len(&self) -> usize {
-        match &self.data {
-            LazyBytes::Borrowed(b) => b.len(),
+            LazyBytes::File { len, .. } => *len,
             LazyBytes::Zeros(n) => *n,
         }
     }
+    fn write_to(&self, w: &mut dyn Write) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        match &self.data {
+            LazyBytes::File { path, offset, len } => {
+                let f = std::fs::File::open(path).map_err(|e| CoreError::io(path, e))?;
+                let mut buf = vec![0u8; CHUNK.min(*len)];
+                let mut done = 0;
+                while done < *len {
+                    let n = CHUNK.min(len - done);
+                    f.read_exact_at(&mut buf[..n], offset + done as u64)
+                        .map_err(|e| CoreError::io(path, e))?;
+                    w.write_all(&buf[..n])
+                        .map_err(|e| CoreError::io("<output>", e))?;
+                    done += n;
+                }
+            }
+            LazyBytes::Zeros(n) => {
+                let buf = vec![0u8; CHUNK.min(*n)];
+                let mut done = 0;
+                while done < *n {
+                    let k = CHUNK.min(n - done);
+                    w.write_all(&buf[..k])
+                        .map_err(|e| CoreError::io("<output>", e))?;
+                    done += k;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Write one safetensors file with the tensors in the given order.
+pub fn write_safetensors<T: TensorSource>(path: &Path, tensors: &[(String, T)]) -> Result<()> {
+    use safetensors::tensor::{Metadata, TensorInfo};
+    let st_err = |m: String| CoreError::Safetensors {
+        path: path.to_path_buf(),
+        message: m,
+    };
+    let mut offset = 0;
+    let mut infos = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let n = t.byte_len();
+        infos.push((
+            name.clone(),
+            TensorInfo {
+                dtype: match t.dtype() {
+                    DType::F32 => StDtype::F32,
+                    DType::F16 => StDtype::F16,
+                    DType::BF16 => StDtype::BF16,
+                },
+                shape: t.shape().to_vec(),
+                data_offsets: (offset, offset + n),
+            },
+        ));
+        offset += n;
+    }
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    let metadata = Metadata::new(Some(meta), infos).map_err(|e| st_err(e.to_string()))?;
+    let mut header = serde_json::to_vec(&metadata).map_err(|e| st_err(e.to_string()))?;
+    // The data section starts 8-byte aligned, as the reference writer does.
+    header.resize(header.len().next_multiple_of(8), b' ');
+    let file = std::fs::File::create(path).map_err(|e| CoreError::io(path, e))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+    let io = |e| CoreError::io(path, e);
+    w.write_all(&(header.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    w.write_all(&header).map_err(io)?;
+    for (_, t) in tensors {
+        t.write_to(&mut w)?;
+    }
+    w.flush().map_err(io)?;
+    w.get_ref().sync_all().map_err(io)?;
+    Ok(())
 }
 
 /// Write safetensors weights into `dir`: one `model.safetensors` if they fit in
 /// `max_shard_bytes`, else `model-0000i-of-0000n.safetensors` shards (greedy, in the given order,
 /// as transformers does) with `model.safetensors.index.json`. Returns the files written.
-pub fn write_weights<V: View>(
+pub fn write_weights<T: TensorSource>(
     dir: &Path,
-    tensors: Vec<(String, V)>,
+    tensors: Vec<(String, T)>,
     max_shard_bytes: usize,
 ) -> Result<Vec<PathBuf>> {
-    let total: usize = tensors.iter().map(|(_, t)| t.data_len()).sum();
-    let mut meta = HashMap::new();
-    meta.insert("format".to_string(), "pt".to_string());
+    let total: usize = tensors.iter().map(|(_, t)| t.byte_len()).sum();
     if total <= max_shard_bytes {
         let path = dir.join("model.safetensors");
-        safetensors::serialize_to_file(tensors, Some(meta), &path).map_err(|e| {
-            CoreError::Safetensors {
-                path: path.clone(),
-                message: e.to_string(),
-            }
-        })?;
+        write_safetensors(&path, &tensors)?;
         return Ok(vec![path]);
     }
-    let mut shards: Vec<Vec<(String, V)>> = vec![vec![]];
+    let mut shards: Vec<Vec<(String, T)>> = vec![vec![]];
     let mut size = 0;
     for t in tensors {
-        let n = t.1.data_len();
+        let n = t.1.byte_len();
         if size > 0 && size + n > max_shard_bytes {
             shards.push(vec![]);
             size = 0;
@@ -274,18 +354,13 @@ pub fn write_weights<V: View>(
     let count = shards.len();
     let mut weight_map = BTreeMap::new();
     let mut files = Vec::new();
-    for (i, shard) in shards.into_iter().enumerate() {
+    for (i, shard) in shards.iter().enumerate() {
         let name = format!("model-{:05}-of-{:05}.safetensors", i + 1, count);
-        for (n, _) in &shard {
+        for (n, _) in shard {
             weight_map.insert(n.clone(), Value::String(name.clone()));
         }
         let path = dir.join(&name);
-        safetensors::serialize_to_file(shard, Some(meta.clone()), &path).map_err(|e| {
-            CoreError::Safetensors {
-                path: path.clone(),
-                message: e.to_string(),
-            }
-        })?;
+        write_safetensors(&path, shard)?;
         files.push(path);
     }
     let index = serde_json::json!({

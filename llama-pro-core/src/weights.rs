@@ -314,6 +314,27 @@ impl Checkpoint {
         Ok((&f.mmap[start..end], info.dtype, &info.shape))
     }
 
+    /// File, byte offset and length of a tensor's data (for streaming copies).
+    pub fn location(&self, name: &str) -> Result<(PathBuf, u64, usize)> {
+        let id = *self
+            .index
+            .get(name)
+            .ok_or_else(|| CoreError::MissingTensor {
+                name: name.to_string(),
+                files: self.file_list(),
+            })?;
+        let f = &self.files[id];
+        let info = f
+            .metadata
+            .info(name)
+            .ok_or_else(|| CoreError::MissingTensor {
+                name: name.to_string(),
+                files: f.path.display().to_string(),
+            })?;
+        let (a, b) = info.data_offsets;
+        Ok((f.path.clone(), (8 + f.header_len + a) as u64, b - a))
+    }
+
     /// The file holding `name` (for messages).
     pub fn file_of(&self, name: &str) -> PathBuf {
         self.index

@@ -252,19 +252,19 @@ fn expanded_model_is_bitwise_the_identity() {
                 let named = exp.named_parameters();
                 let base_ids: Vec<_> = base.named_parameters().into_iter().map(|p| p.id).collect();
                 for p in &named {
-                    if let Some((i, rest)) = llama_pro::core::expand::layer_of(&p.name) {
-                        if map.layers[i].new {
-                            assert!(
-                                !base_ids.contains(&p.id),
-                                "{name}: {} shares a ParamId with the base",
-                                p.name
-                            );
-                            if rest.starts_with("self_attn.o_proj.")
-                                || rest.starts_with("mlp.down_proj.")
-                            {
-                                let (v, _) = to_vec(p.value.clone());
-                                assert!(v.iter().all(|x| *x == 0.0), "{}", p.name);
-                            }
+                    if let Some((i, rest)) = llama_pro::core::expand::layer_of(&p.name)
+                        && map.layers[i].new
+                    {
+                        assert!(
+                            !base_ids.contains(&p.id),
+                            "{name}: {} shares a ParamId with the base",
+                            p.name
+                        );
+                        if rest.starts_with("self_attn.o_proj.")
+                            || rest.starts_with("mlp.down_proj.")
+                        {
+                            let (v, _) = to_vec(p.value.clone());
+                            assert!(v.iter().all(|x| *x == 0.0), "{}", p.name);
                         }
                     }
                 }
