@@ -19,6 +19,13 @@ Writes tests/fixtures/:
       steps through past_key_values), and for bf16 checkpoints logits_f32 (same weights upcast).
   expansion_hashes.json sha256 of every tensor of checkpoints expanded by the official LLaMA Pro
                         expansion loop (`official_expand`, below) for several layouts
+  train/seqs.jsonl, golden/train-<case>.safetensors
+                        torch.optim.AdamW on the expanded llama-mha-f32 with only the new blocks
+                        trainable (decay on >= 2-D tensors only): `adamw-1` one step, lr 1e-3,
+                        betas 0.9/0.95, eps 1e-8, wd 0.1, batch = both sequences (no packing);
+                        `clip-accum` two steps of 2 accumulated micro-batches with
+                        clip_grad_norm_(0.05). Keys: `param.<name>` after training, `loss` per step,
+                        `loss_after` (adamw-1: loss of the batch after the step).
   golden/expanded-grads.safetensors
                         llama-mha-f32 expanded with N=2, P=1, only the new blocks trainable (as the
                         paper's open-instruct fork freezes): loss and the gradient of every trainable
@@ -305,6 +312,87 @@ def expansion_fixtures():
     (FIX / "expansion_hashes.json").write_text(json.dumps(hashes, indent=1, sort_keys=True))
 
 
+def expanded_model():
+    src = FIX / "models" / "llama-mha-f32"
+    base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, attn_implementation="eager").eval()
+    cfg = base.config.to_dict()
+    cfg["num_hidden_layers"] = 6
+    exp = AutoModelForCausalLM.from_config(LlamaConfig(**{k: v for k, v in cfg.items() if k != "architectures"}),
+                                           dtype=torch.float32, attn_implementation="eager")
+    exp.load_state_dict(official_expand(base.state_dict(), 4, 2, 1), strict=True)
+    return exp.eval()
+
+
+def training_fixtures():
+    from safetensors.torch import load_file
+    ids = load_file(str(FIX / "golden" / "llama-mha-f32.safetensors"))["input_ids"]
+    rows = [ids[0].tolist(), ids[1, :11].tolist()]
+    (FIX / "train").mkdir(parents=True, exist_ok=True)
+    (FIX / "train" / "seqs.jsonl").write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in rows))
+
+    def batch(rs):
+        n = max(len(r) for r in rs)
+        x = torch.zeros(len(rs), n, dtype=torch.long)
+        labels = torch.full((len(rs), n), -100, dtype=torch.long)
+        mask = torch.zeros(len(rs), n, dtype=torch.long)
+        for i, r in enumerate(rs):
+            x[i, :len(r)] = torch.tensor(r)
+            labels[i, :len(r)] = torch.tensor(r)
+            mask[i, :len(r)] = 1
+        return x, labels, mask
+
+    def setup(dtype=torch.float32):
+        model = expanded_model().to(dtype)
+        model.requires_grad_(False)
+        train = [(n, p) for n, p in model.named_parameters() if any(f"layers.{i}." in n for i in (2, 5))]
+        for _, p in train:
+            p.requires_grad_(True)
+        decay = [p for _, p in train if p.dim() >= 2]
+        plain = [p for _, p in train if p.dim() < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": plain, "weight_decay": 0.0}],
+                                lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+        return model, train, opt
+
+    # adamw-1: one step on the whole batch.
+    model, train, opt = setup()
+    x, labels, mask = batch(rows)
+    loss = model(input_ids=x, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        after = model(input_ids=x, attention_mask=mask, labels=labels).loss
+    out = {"loss": loss.detach().reshape(1), "loss_after": after.reshape(1)}
+    out.update({f"param.{n}": p.detach().clone() for n, p in train})
+    save_file({k: v.contiguous() for k, v in out.items()}, str(FIX / "golden" / "train-adamw-1.safetensors"))
+
+    # clip-accum: 2 steps x 2 micro-batches of one sequence, global clipping at 0.05. After
+    # clipping, Adam's second step is ill-conditioned (elements whose gradient starts near zero),
+    # so the same run in float64 is recorded as the exact reference (`param64.<name>`).
+    def clip_accum(dtype):
+        model, train, opt = setup(dtype)
+        losses = []
+        for _ in range(2):
+            opt.zero_grad()
+            total = 0.0
+            for r in rows:
+                x, labels, mask = batch([r])
+                l = model(input_ids=x, attention_mask=mask, labels=labels).loss
+                (l / 2).backward()
+                total += l.item() / 2
+            norm = torch.nn.utils.clip_grad_norm_([p for _, p in train], 0.05)
+            assert norm > 0.05, f"clipping must be active in this case (norm {norm})"
+            opt.step()
+            losses.append(total)
+        return losses, train
+
+    losses, train = clip_accum(torch.float32)
+    _, train64 = clip_accum(torch.float64)
+    out = {"loss": torch.tensor(losses, dtype=torch.float32)}
+    out.update({f"param.{n}": p.detach().clone() for n, p in train})
+    out.update({f"param64.{n}": p.detach().clone() for n, p in train64})
+    save_file({k: v.contiguous() for k, v in out.items()}, str(FIX / "golden" / "train-clip-accum.safetensors"))
+
+
 def main():
     torch.use_deterministic_algorithms(True)
     FIX.mkdir(parents=True, exist_ok=True)
@@ -329,6 +417,7 @@ def main():
     build("mistral-window-f32", MistralConfig(**common, num_attention_heads=4, num_key_value_heads=2,
                                               sliding_window=6, tie_word_embeddings=False), seed=5)
     expansion_fixtures()
+    training_fixtures()
     (FIX / "VERSIONS.txt").write_text(
         f"torch {torch.__version__}\ntransformers {transformers.__version__}\n"
         "made by: python scripts/make_fixtures.py\n"

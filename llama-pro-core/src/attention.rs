@@ -44,6 +44,12 @@ impl AttentionConfig {
         }
     }
 
+    /// A randomly initialised attention layer on `device` (HF init: normal(0, 0.02) weights, unit norm
+    /// scales, zero biases; seed 0). Use [`Self::load`] to read one from a checkpoint.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Attention<B> {
+        crate::weights::random(device, |src| self.load("self_attn", src, 0.02))
+    }
+
     /// Build from `src` (`{prefix}.{q,k,v,o}_proj.*`).
     pub fn load<B: Backend, S: WeightSource<B>>(
         &self,

@@ -41,6 +41,12 @@ impl DecoderLayerConfig {
         }
     }
 
+    /// A randomly initialised block on `device` (HF init: normal(0, 0.02) weights, unit norm
+    /// scales, zero biases; seed 0). Use [`Self::load`] to read one from a checkpoint.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> DecoderLayer<B> {
+        crate::weights::random(device, |src| self.load("layer", src))
+    }
+
     /// Build block `{prefix}` (e.g. `model.layers.3`) from `src`.
     pub fn load<B: Backend, S: WeightSource<B>>(
         &self,

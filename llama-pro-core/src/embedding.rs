@@ -23,6 +23,12 @@ pub struct EmbeddingConfig {
 }
 
 impl EmbeddingConfig {
+    /// A randomly initialised embedding on `device` (HF init: normal(0, 0.02) weights, unit norm
+    /// scales, zero biases; seed 0). Use [`Self::load`] to read one from a checkpoint.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Embedding<B> {
+        crate::weights::random(device, |src| self.load("embed_tokens", src, 0.02))
+    }
+
     /// Build from `src` (`{prefix}.weight`).
     pub fn load<B: Backend, S: WeightSource<B>>(
         &self,

@@ -41,6 +41,12 @@ impl LinearConfig {
         }
     }
 
+    /// A randomly initialised layer on `device` (HF init: normal(0, 0.02) weights, unit norm
+    /// scales, zero biases; seed 0). Use [`Self::load`] to read one from a checkpoint.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Linear<B> {
+        crate::weights::random(device, |src| self.load("linear", src, 0.02))
+    }
+
     /// Build the layer from `src`, reading `{prefix}.weight` and `{prefix}.bias`.
     pub fn load<B: Backend, S: WeightSource<B>>(
         &self,

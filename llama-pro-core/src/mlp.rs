@@ -30,6 +30,12 @@ pub struct Mlp<B: Backend> {
 }
 
 impl MlpConfig {
+    /// A randomly initialised FFN on `device` (HF init: normal(0, 0.02) weights, unit norm
+    /// scales, zero biases; seed 0). Use [`Self::load`] to read one from a checkpoint.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Mlp<B> {
+        crate::weights::random(device, |src| self.load("mlp", src, 0.02))
+    }
+
     /// Build from `src` (`{prefix}.{gate,up,down}_proj.*`).
     pub fn load<B: Backend, S: WeightSource<B>>(
         &self,

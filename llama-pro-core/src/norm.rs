@@ -28,6 +28,12 @@ pub struct RmsNorm<B: Backend> {
 }
 
 impl RmsNormConfig {
+    /// A randomly initialised norm on `device` (HF init: normal(0, 0.02) weights, unit norm
+    /// scales, zero biases; seed 0). Use [`Self::load`] to read one from a checkpoint.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> RmsNorm<B> {
+        crate::weights::random(device, |src| self.load("norm", src))
+    }
+
     /// Build from `src` (`{prefix}.weight`, ones when random).
     pub fn load<B: Backend, S: WeightSource<B>>(
         &self,

@@ -99,6 +99,21 @@ impl<B: Backend> WeightSource<B> for RandomInit<B> {
     }
 }
 
+/// Build a module from a seeded f32 [`RandomInit`] (seed 0).
+///
+/// # Panics
+/// Never in practice: random initialisation has no failure mode; a panic here is a bug.
+pub(crate) fn random<B: Backend, M>(
+    device: &B::Device,
+    build: impl FnOnce(&mut RandomInit<B>) -> Result<M>,
+) -> M {
+    let mut src = RandomInit::<B>::new(device, DType::F32, 0);
+    match build(&mut src) {
+        Ok(m) => m,
+        Err(e) => unreachable!("random initialisation failed: {e}"),
+    }
+}
+
 /// Build a tensor of `dtype` on `device` from f32 host values.
 pub fn tensor_from_f32<B: Backend, const D: usize>(
     values: Vec<f32>,

@@ -42,6 +42,169 @@ pub enum Command {
     /// Grow a model with zero-initialised copies of its blocks (LLaMA Pro block expansion),
     /// streaming tensor by tensor, and check that it computes exactly what the original did.
     Expand(ExpandArgs),
+    /// Continued pretraining: train the expanded blocks (or another parameter selection) on a
+    /// corpus, with evaluation, checkpoints and exact resume; exports a HuggingFace directory.
+    Train(Box<TrainArgs>),
+}
+
+/// `llama-pro train`. Every flag overrides the same key of `--config`; defaults are the paper's
+/// recipe (AdamW β 0.9/0.95, lr 2e-4, 6% warmup, cosine, weight decay 0.1, clip 1.0).
+#[derive(Args, Debug, Default)]
+pub struct TrainArgs {
+    /// TOML file with any of the keys below (snake_case); flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Model directory (an expanded one for --method pro).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Training data, repeatable: FILE or FILE:WEIGHT (mixture), .txt or .jsonl.
+    #[arg(long)]
+    pub data: Vec<String>,
+    /// Output directory: checkpoints/, metrics.jsonl, report.json, model/.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// pro: only the expanded blocks (default); full: everything; freeze-originals: N original
+    /// interleaved blocks, no expansion (the paper's baseline).
+    #[arg(long, value_enum)]
+    pub method: Option<crate::config::Method>,
+    /// Parameter selection overriding --method, e.g. `expanded+embed_tokens`, `expanded.mlp`.
+    #[arg(long)]
+    pub trainable: Option<String>,
+    /// Learning-rate factor of a group, repeatable: SELECTION=FACTOR (e.g. embed_tokens=0.1).
+    #[arg(long)]
+    pub lr_scale: Vec<String>,
+    /// Optimizer steps.
+    #[arg(long, conflicts_with = "epochs")]
+    pub max_steps: Option<usize>,
+    /// Passes over the data (when --max-steps is not given; default 1).
+    #[arg(long)]
+    pub epochs: Option<f64>,
+    /// Sequences per micro-batch (default 8).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per optimizer step; the effective batch is batch-size x grad-accum (default 1).
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Tokens per sequence (default 512).
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// One line = one sequence (truncated, padding masked out of the loss) instead of packing.
+    #[arg(long)]
+    pub no_packing: bool,
+    /// Peak learning rate (paper: 2e-4).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// constant, linear or cosine (paper: cosine).
+    #[arg(long, value_enum)]
+    pub lr_schedule: Option<crate::schedule::ScheduleKind>,
+    /// Fraction of steps in linear warmup (paper: 0.06).
+    #[arg(long)]
+    pub warmup_ratio: Option<f64>,
+    /// Learning-rate floor of the decay (default 0).
+    #[arg(long)]
+    pub min_lr: Option<f64>,
+    /// Decoupled weight decay on >= 2-D tensors (paper: 0.1).
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// AdamW beta1 (paper: 0.9).
+    #[arg(long)]
+    pub adam_beta1: Option<f64>,
+    /// AdamW beta2 (paper: 0.95).
+    #[arg(long)]
+    pub adam_beta2: Option<f64>,
+    /// AdamW epsilon (default 1e-8, as torch).
+    #[arg(long)]
+    pub adam_eps: Option<f64>,
+    /// Clip the global gradient norm (paper: 1.0; 0 = off).
+    #[arg(long)]
+    pub clip_grad_norm: Option<f64>,
+    /// Compute dtype (f32; mixed precision is not implemented yet).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Evaluation set, repeatable: NAME=FILE (default: a held-out 2% of the training data).
+    #[arg(long)]
+    pub eval: Vec<String>,
+    /// Evaluate every N steps (0: before and after only).
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// Write a checkpoint every N steps (0: at the end only).
+    #[arg(long)]
+    pub save_every: Option<usize>,
+    /// Keep the last N checkpoints (default 2).
+    #[arg(long)]
+    pub keep: Option<usize>,
+    /// Resume from `latest` (the newest checkpoint in OUTPUT) or a checkpoint directory.
+    #[arg(long, num_args = 0..=1, default_missing_value = "latest")]
+    pub resume: Option<String>,
+    /// Log a line every N steps (default 10).
+    #[arg(long)]
+    pub log_every: Option<usize>,
+    /// Seed for the data order (default 0).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// cpu, wgpu[:N] or cuda[:N].
+    #[arg(long)]
+    pub device: Option<String>,
+}
+
+impl TrainArgs {
+    /// The configuration: `--config` (if any), then every given flag.
+    pub fn resolve(&self) -> Result<crate::config::TrainConfig> {
+        let mut c = match &self.config {
+            Some(p) => crate::config::TrainConfig::from_toml(p)?,
+            None => crate::config::TrainConfig::default(),
+        };
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone(); } )* };
+        }
+        set!(
+            model,
+            output,
+            method,
+            lr,
+            lr_schedule,
+            warmup_ratio,
+            min_lr,
+            weight_decay,
+            adam_beta1,
+            adam_beta2,
+            adam_eps,
+            clip_grad_norm,
+            dtype,
+            eval_every,
+            save_every,
+            keep,
+            log_every,
+            seed,
+            device,
+            batch_size,
+            grad_accum,
+            seq_len,
+            epochs
+        );
+        if self.trainable.is_some() {
+            c.trainable = self.trainable.clone();
+        }
+        if self.max_steps.is_some() {
+            c.max_steps = self.max_steps;
+        }
+        if self.resume.is_some() {
+            c.resume = self.resume.clone();
+        }
+        if !self.data.is_empty() {
+            c.data = self.data.clone();
+        }
+        if !self.eval.is_empty() {
+            c.eval = self.eval.clone();
+        }
+        if !self.lr_scale.is_empty() {
+            c.lr_scale = self.lr_scale.clone();
+        }
+        if self.no_packing {
+            c.packing = false;
+        }
+        Ok(c)
+    }
 }
 
 /// Options shared by commands that compute.
@@ -239,6 +402,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Convert(a) => convert(&a),
         Command::Expand(a) => expand(&a),
+        Command::Train(a) => train_cmd(&a),
     }
 }
 
@@ -523,6 +687,80 @@ fn convert(a: &ConvertArgs) -> Result<()> {
     save_pretrained(&model, &hf, Some(&dir), &a.output, &opts)?;
     println!("wrote {}", a.output.display());
     Ok(())
+}
+
+fn train_cmd(a: &TrainArgs) -> Result<()> {
+    use llama_pro_core::device::dispatch_autodiff;
+    let cfg = a.resolve()?;
+    cfg.validate()?;
+    let device: DeviceSpec = cfg.device.parse()?;
+    std::fs::create_dir_all(&cfg.output).map_err(|source| TrainError::Io {
+        path: cfg.output.clone(),
+        source,
+    })?;
+    // The resolved configuration, saved next to the results.
+    let resolved = toml::to_string_pretty(&cfg)
+        .map_err(|e| TrainError::Invalid(format!("serializing the config: {e}")))?;
+    let path = cfg.output.join("train.toml");
+    std::fs::write(&path, &resolved).map_err(|source| TrainError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    eprintln!("configuration (saved to {}):\n{resolved}", path.display());
+    let stop: &'static std::sync::atomic::AtomicBool =
+        Box::leak(Box::new(std::sync::atomic::AtomicBool::new(false)));
+    let _ = ctrlc::set_handler(move || {
+        if stop.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!(
+            "\ninterrupt: finishing the current step and writing a checkpoint (Ctrl-C again to quit now)"
+        );
+    });
+    let report = dispatch_autodiff(device, TrainTask { cfg: &cfg, stop })??;
+    if report.interrupted {
+        eprintln!(
+            "stopped after step {}; continue with: llama-pro train --config {} --resume",
+            report.steps,
+            path.display()
+        );
+    }
+    println!(
+        "{} steps, {:.0} tokens/s, {} of {} parameters trained{}",
+        report.steps,
+        report.tokens_per_sec,
+        report.trainable_params,
+        report.total_params,
+        report
+            .model_dir
+            .as_ref()
+            .map(|d| format!("; model: {}", d.display()))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
+
+struct TrainTask<'a> {
+    cfg: &'a crate::config::TrainConfig,
+    stop: &'a std::sync::atomic::AtomicBool,
+}
+
+impl llama_pro_core::device::OnAutodiffBackend for TrainTask<'_> {
+    type Output = Result<crate::trainer::TrainReport>;
+    fn run<B: llama_pro_core::burn::tensor::backend::AutodiffBackend>(
+        self,
+        device: B::Device,
+    ) -> Self::Output {
+        crate::trainer::train::<B>(
+            self.cfg,
+            &device,
+            crate::trainer::RunControl {
+                stop: self.stop,
+                on_step: Box::new(|_| true),
+                quiet: false,
+            },
+        )
+    }
 }
 
 fn expand(a: &ExpandArgs) -> Result<()> {

@@ -7,7 +7,7 @@ use llama_pro_core::model::{LlamaForCausalLM, causal_lm_loss_sum};
 use crate::error::{Result, TrainError};
 
 /// Loss over a data set.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EvalResult {
     /// Mean cross-entropy per predicted token (nats).
     pub loss: f64,

@@ -60,6 +60,14 @@ impl Golden {
         )
     }
 
+    pub fn f64(&self, key: &str) -> Vec<f64> {
+        let (dt, _, data) = self.view(key);
+        assert_eq!(dt, Dtype::F64, "{key}");
+        data.chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+
     pub fn i64(&self, key: &str) -> (Vec<i64>, Vec<usize>) {
         let (dt, shape, data) = self.view(key);
         assert_eq!(dt, Dtype::I64, "{key}");

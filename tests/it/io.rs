@@ -421,3 +421,91 @@ fn device_strings() {
     let e = "cuda:x".parse::<DeviceSpec>().unwrap_err().to_string();
     assert!(e.contains("must be a number"), "{e}");
 }
+
+/// f16 checkpoints: every weight is the f32 one rounded to f16, in f32 and f16 compute.
+#[test]
+fn f16_checkpoints_load() {
+    let src = model_dir("llama-mha-f32");
+    let hf = HfConfig::from_path(&src).unwrap();
+    let model = load(&src, DType::F32).unwrap();
+    let out = tmpdir("f16").join("m");
+    save_pretrained(
+        &model,
+        &hf,
+        Some(&src),
+        &out,
+        &SaveOptions {
+            dtype: Some(DType::F16),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let ck = Checkpoint::open(&out).unwrap();
+    assert!(ck.names().all(|n| ck.meta(n).unwrap().dtype == DType::F16));
+    let orig = Checkpoint::open(&src).unwrap();
+    let a = orig
+        .read_f32("model.layers.2.mlp.up_proj.weight", &[128, 64])
+        .unwrap();
+    let b = ck
+        .read_f32("model.layers.2.mlp.up_proj.weight", &[128, 64])
+        .unwrap();
+    assert!(
+        a.iter()
+            .zip(&b)
+            .all(|(x, y)| half::f16::from_f32(*x).to_f32() == *y)
+    );
+    let golden = Golden::open("llama-mha-f32");
+    let device = Default::default();
+    for compute in [DType::F32, DType::F16] {
+        let m = load(&out, compute).unwrap();
+        assert_eq!(m.dtype(), compute);
+        let logits = m.forward(golden.ids::<Cpu>("input_ids", &device));
+        assert_close(
+            &format!("f16 checkpoint, {compute} compute"),
+            logits,
+            &golden,
+            "logits",
+            2e-2,
+        );
+    }
+}
+
+/// Each module's `Config::init(device)` builds a module that runs with the documented shapes.
+#[test]
+fn module_configs_init_and_forward() {
+    use burn::tensor::{Distribution, Tensor};
+    use llama_pro::core::attention::AttentionConfig;
+    use llama_pro::core::block::DecoderLayerConfig;
+    use llama_pro::core::mlp::MlpConfig;
+    use llama_pro::core::{LlamaConfig, rope::RotaryEmbedding};
+    let device = Default::default();
+    let c = LlamaConfig::tiny(100);
+    let x = Tensor::<Cpu, 3>::random([2, 5, 64], Distribution::Normal(0.0, 1.0), &device);
+    let (cos, sin) = RotaryEmbedding::new(&c).tables::<Cpu>(0, 5, DType::F32, &device);
+    let attn = AttentionConfig::from_model(&c).init::<Cpu>(&device);
+    assert_eq!(
+        attn.forward(x.clone(), cos.clone(), sin.clone(), None)
+            .dims(),
+        [2, 5, 64]
+    );
+    let mlp = MlpConfig {
+        hidden_size: 64,
+        intermediate_size: 176,
+        bias: false,
+    }
+    .init::<Cpu>(&device);
+    assert_eq!(mlp.forward(x.clone()).dims(), [2, 5, 64]);
+    let block = DecoderLayerConfig::from_model(&c).init::<Cpu>(&device);
+    assert_eq!(block.forward(x, cos, sin, None).dims(), [2, 5, 64]);
+    let model = c.init::<Cpu>(&device, 7);
+    assert_eq!(model.num_parameters(), c.num_params());
+    // Seeded: the same seed gives the same weights.
+    let again = c.init::<Cpu>(&device, 7);
+    let (a, b) = (model.named_parameters(), again.named_parameters());
+    assert!(
+        a.iter()
+            .zip(&b)
+            .all(|(p, q)| p.value.clone().into_data().as_bytes()
+                == q.value.clone().into_data().as_bytes())
+    );
+}

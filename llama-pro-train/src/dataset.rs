@@ -1,0 +1,220 @@
+//! Training examples: documents tokenized, packed into fixed windows (or kept one per line),
+//! mixed across sources by weight, in an order that depends only on the seed and a small cursor
+//! (so a resumed run sees exactly the examples an uninterrupted one would).
+
+use std::path::PathBuf;
+
+use llama_pro_core::Tokenizer;
+use rand::{Rng, SeedableRng, seq::SliceRandom};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::data::{existing, read_sequences};
+use crate::error::{Result, TrainError};
+
+/// One training source: its windows and mixture weight.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// File name (for logs).
+    pub path: PathBuf,
+    /// Relative sampling weight.
+    pub weight: f64,
+    /// Training examples (token ids, at most `seq_len` long).
+    pub windows: Vec<Vec<u32>>,
+}
+
+/// Parse `PATH` or `PATH:WEIGHT`.
+pub fn parse_data_spec(spec: &str) -> Result<(PathBuf, f64)> {
+    if let Some((p, w)) = spec.rsplit_once(':') {
+        if let Ok(w) = w.parse::<f64>() {
+            if !(w > 0.0 && w.is_finite()) {
+                return Err(TrainError::Invalid(format!(
+                    "--data {spec:?}: the mixture weight must be > 0"
+                )));
+            }
+            return Ok((PathBuf::from(p), w));
+        }
+    }
+    Ok((PathBuf::from(spec), 1.0))
+}
+
+/// Read a source: every document tokenized; with `packing`, documents joined with `eos` between
+/// them and cut into windows of exactly `seq_len` tokens (a last partial window is dropped unless
+/// it is the only one), else one window per document, truncated to `seq_len`.
+pub fn load_source(
+    spec: &str,
+    tokenizer: Option<&Tokenizer>,
+    vocab_size: usize,
+    seq_len: usize,
+    packing: bool,
+    eos: Option<u32>,
+) -> Result<Source> {
+    let (path, weight) = parse_data_spec(spec)?;
+    let path = existing(&path)?;
+    let docs = read_sequences(
+        &path,
+        tokenizer,
+        vocab_size,
+        if packing { usize::MAX } else { seq_len },
+    )?;
+    let windows = if packing {
+        let mut stream: Vec<u32> = Vec::with_capacity(docs.iter().map(|d| d.len() + 1).sum());
+        for d in docs {
+            stream.extend_from_slice(&d);
+            if let Some(e) = eos {
+                stream.push(e);
+            }
+        }
+        let mut w: Vec<Vec<u32>> = stream.chunks_exact(seq_len).map(<[u32]>::to_vec).collect();
+        if w.is_empty() {
+            w.push(stream);
+        }
+        w
+    } else {
+        docs
+    };
+    let windows: Vec<Vec<u32>> = windows.into_iter().filter(|w| w.len() >= 2).collect();
+    if windows.is_empty() {
+        return Err(TrainError::Data {
+            path,
+            line: 0,
+            message: "no training example with at least 2 tokens".into(),
+        });
+    }
+    Ok(Source {
+        path,
+        weight,
+        windows,
+    })
+}
+
+/// Move the last `fraction` of each source's windows (at least one, if the source has two or
+/// more) into a validation set, after a seeded shuffle.
+pub fn split_validation(sources: &mut [Source], fraction: f64, seed: u64) -> Vec<Vec<u32>> {
+    let mut val = Vec::new();
+    for (i, s) in sources.iter_mut().enumerate() {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (0xA5A5_0000 + i as u64));
+        s.windows.shuffle(&mut rng);
+        let n = s.windows.len();
+        if n < 2 || fraction <= 0.0 {
+            continue;
+        }
+        let k = ((n as f64 * fraction).round() as usize).clamp(1, n - 1);
+        val.extend(s.windows.split_off(n - k));
+    }
+    val
+}
+
+/// Where the example stream is: restoring it restores the exact order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataCursor {
+    /// Examples drawn so far.
+    pub drawn: u64,
+    /// Per source: examples drawn from it so far.
+    pub per_source: Vec<u64>,
+}
+
+/// A deterministic, resumable stream of training examples over weighted sources.
+pub struct ExampleStream {
+    sources: Vec<Source>,
+    seed: u64,
+    cursor: DataCursor,
+    /// Cached permutation of (source, epoch).
+    perms: Vec<Option<(u64, Vec<usize>)>>,
+}
+
+impl ExampleStream {
+    /// A stream starting at the beginning.
+    pub fn new(sources: Vec<Source>, seed: u64) -> Self {
+        let n = sources.len();
+        Self {
+            sources,
+            seed,
+            cursor: DataCursor {
+                drawn: 0,
+                per_source: vec![0; n],
+            },
+            perms: vec![None; n],
+        }
+    }
+
+    /// Total windows over all sources.
+    pub fn len(&self) -> usize {
+        self.sources.iter().map(|s| s.windows.len()).sum()
+    }
+
+    /// True when there is no window.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The sources.
+    pub fn sources(&self) -> &[Source] {
+        &self.sources
+    }
+
+    /// Current position.
+    pub fn cursor(&self) -> &DataCursor {
+        &self.cursor
+    }
+
+    /// Continue from a saved position.
+    pub fn restore(&mut self, cursor: DataCursor) -> Result<()> {
+        if cursor.per_source.len() != self.sources.len() {
+            return Err(TrainError::Invalid(format!(
+                "the checkpoint's data cursor has {} sources, this run has {}: resume with the same --data",
+                cursor.per_source.len(),
+                self.sources.len()
+            )));
+        }
+        self.cursor = cursor;
+        Ok(())
+    }
+
+    /// The next example: the source is drawn by weight with an RNG seeded by (seed, example
+    /// number); within a source, windows come in a seeded permutation per pass.
+    pub fn next_example(&mut self) -> Vec<u32> {
+        let k = self.cursor.drawn;
+        let s = if self.sources.len() == 1 {
+            0
+        } else {
+            let total: f64 = self.sources.iter().map(|s| s.weight).sum();
+            let mut rng =
+                ChaCha8Rng::seed_from_u64(self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ k);
+            let mut u = rng.random::<f64>() * total;
+            let mut pick = self.sources.len() - 1;
+            for (i, src) in self.sources.iter().enumerate() {
+                if u < src.weight {
+                    pick = i;
+                    break;
+                }
+                u -= src.weight;
+            }
+            pick
+        };
+        let n = self.sources[s].windows.len();
+        let idx = self.cursor.per_source[s];
+        let (epoch, pos) = (idx / n as u64, (idx % n as u64) as usize);
+        let stale = !matches!(&self.perms[s], Some((e, _)) if *e == epoch);
+        if stale {
+            let mut perm: Vec<usize> = (0..n).collect();
+            let mut rng = ChaCha8Rng::seed_from_u64(
+                self.seed ^ ((s as u64) << 32) ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03),
+            );
+            perm.shuffle(&mut rng);
+            self.perms[s] = Some((epoch, perm));
+        }
+        let w = match &self.perms[s] {
+            Some((_, perm)) => self.sources[s].windows[perm[pos]].clone(),
+            None => unreachable!("permutation was just built"),
+        };
+        self.cursor.drawn += 1;
+        self.cursor.per_source[s] += 1;
+        w
+    }
+
+    /// The next `n` examples.
+    pub fn next_batch(&mut self, n: usize) -> Vec<Vec<u32>> {
+        (0..n).map(|_| self.next_example()).collect()
+    }
+}

@@ -1,0 +1,362 @@
+//! The training engine: AdamW, clipping and accumulation against torch; exact resume; overfitting;
+//! non-finite stops; frozen parameters untouched.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use burn::backend::Autodiff;
+use llama_pro::core::expand::{ExpansionPlan, expand_checkpoint};
+use llama_pro::core::save::SaveOptions;
+use llama_pro::core::weights::Checkpoint;
+use llama_pro::train::config::TrainConfig;
+use llama_pro::train::schedule::ScheduleKind;
+use llama_pro::train::trainer::{RunControl, StepMetrics, TrainReport, train};
+
+use crate::common::*;
+
+type Ad = Autodiff<Cpu>;
+
+fn expanded(tag: &str) -> PathBuf {
+    let out = tmpdir(tag).join("expanded");
+    expand_checkpoint(
+        &model_dir("llama-mha-f32"),
+        &out,
+        &ExpansionPlan::Interleaved {
+            groups: 2,
+            copies: 1,
+        },
+        &SaveOptions::default(),
+    )
+    .unwrap();
+    out
+}
+
+fn base_config(model: &Path, output: &Path) -> TrainConfig {
+    TrainConfig {
+        model: model.to_path_buf(),
+        data: vec![fixtures().join("train/seqs.jsonl").display().to_string()],
+        output: output.to_path_buf(),
+        lr: 1e-3,
+        lr_schedule: ScheduleKind::Constant,
+        warmup_ratio: 0.0,
+        clip_grad_norm: 0.0,
+        packing: false,
+        seq_len: 64,
+        val_fraction: 0.0,
+        log_every: 0,
+        ..Default::default()
+    }
+}
+
+fn run_with(
+    cfg: &TrainConfig,
+    on_step: impl FnMut(&StepMetrics) -> bool,
+) -> Result<TrainReport, llama_pro::train::TrainError> {
+    let stop = AtomicBool::new(false);
+    train::<Ad>(
+        cfg,
+        &Default::default(),
+        RunControl {
+            stop: &stop,
+            on_step: Box::new(on_step),
+            quiet: true,
+        },
+    )
+}
+
+fn run(cfg: &TrainConfig) -> TrainReport {
+    run_with(cfg, |_| true).unwrap()
+}
+
+/// Trained parameters (from the final checkpoint) against torch's.
+fn compare_params(output: &Path, golden: &Golden, tol: f32) -> usize {
+    let ck = Checkpoint::open(
+        llama_pro::train::trainer::latest_checkpoint(&output.join("checkpoints"))
+            .unwrap()
+            .unwrap(),
+    )
+    .unwrap();
+    let mut n = 0;
+    let mut worst = 0f32;
+    for name in ck.names() {
+        let shape = ck.meta(name).unwrap().shape;
+        let ours = ck.read_f32(name, &shape).unwrap();
+        let (theirs, _) = golden.f32(&format!("param.{name}"));
+        let d = max_abs_diff(&ours, &theirs);
+        worst = worst.max(d);
+        assert!(d <= tol, "{name}: differs from torch by {d}");
+        n += 1;
+    }
+    println!("{n} trained tensors match torch, max |Δ| = {worst:.3e}");
+    n
+}
+
+#[test]
+fn one_adamw_step_matches_torch() {
+    let model = expanded("adamw1");
+    let out = model.parent().unwrap().join("run");
+    let cfg = TrainConfig {
+        max_steps: Some(1),
+        batch_size: 2,
+        weight_decay: 0.1,
+        ..base_config(&model, &out)
+    };
+    let r = run(&cfg);
+    let golden = Golden::open("train-adamw-1");
+    assert!(
+        (r.losses[0] - golden.f32("loss").0[0] as f64).abs() < 1e-6,
+        "loss {} vs torch",
+        r.losses[0]
+    );
+    assert_eq!(compare_params(&out, &golden, 1e-6), 18);
+    // The loss of the same batch after the step, from the exported model.
+    let out_eval = crate::cli_eval_loss(&out.join("model"), &fixtures().join("train/seqs.jsonl"));
+    let want = golden.f32("loss_after").0[0] as f64;
+    println!("loss after one step: ours {out_eval:.7}, torch {want:.7}");
+    assert!((out_eval - want).abs() < 1e-6);
+}
+
+#[test]
+fn clipping_and_accumulation_match_torch() {
+    let model = expanded("clip");
+    let out = model.parent().unwrap().join("run");
+    let cfg = TrainConfig {
+        max_steps: Some(2),
+        batch_size: 1,
+        grad_accum: 2,
+        clip_grad_norm: 0.05,
+        weight_decay: 0.1,
+        ..base_config(&model, &out)
+    };
+    let r = run(&cfg);
+    let golden = Golden::open("train-clip-accum");
+    let (want, _) = golden.f32("loss");
+    for (a, b) in r.losses.iter().zip(&want) {
+        assert!((a - *b as f64).abs() < 1e-6, "step loss {a} vs torch {b}");
+    }
+    // Parameters: as close to the exact (float64) result as torch's own float32 run is.
+    let ck = Checkpoint::open(out.join("checkpoints/step-2")).unwrap();
+    let (mut ours64, mut torch64, mut ours_torch) = (0f64, 0f64, 0f64);
+    for name in ck.names() {
+        let ours = ck.read_f32(name, &ck.meta(name).unwrap().shape).unwrap();
+        let (t32, _) = golden.f32(&format!("param.{name}"));
+        let exact = golden.f64(&format!("param64.{name}"));
+        for ((o, t), e) in ours.iter().zip(&t32).zip(&exact) {
+            ours64 = ours64.max((*o as f64 - e).abs());
+            torch64 = torch64.max((*t as f64 - e).abs());
+            ours_torch = ours_torch.max((*o as f64 - *t as f64).abs());
+        }
+    }
+    println!(
+        "clip+accum, max |Δ| vs float64: ours {ours64:.3e}, torch f32 {torch64:.3e}; ours vs torch {ours_torch:.3e}"
+    );
+    assert!(
+        ours64 <= 1.5 * torch64 + 1e-7,
+        "ours is further from the exact result ({ours64}) than torch ({torch64})"
+    );
+    assert!(ours_torch <= 2.5e-5, "ours vs torch {ours_torch}");
+}
+
+/// A run interrupted after step 3 and resumed gives bitwise the losses and weights of an
+/// uninterrupted run (cosine schedule, warmup, clipping, accumulation, packing, two sources).
+#[test]
+fn resume_is_bitwise() {
+    let model = expanded("resume");
+    let dir = model.parent().unwrap().to_path_buf();
+    let cfg = |out: &str| TrainConfig {
+        data: vec![
+            fixtures().join("train/seqs.jsonl").display().to_string(),
+            format!(
+                "{}:2",
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("examples/data/code.txt")
+                    .display()
+            ),
+        ],
+        max_steps: Some(6),
+        batch_size: 2,
+        grad_accum: 2,
+        seq_len: 16,
+        packing: true,
+        lr: 3e-3,
+        lr_schedule: ScheduleKind::Cosine,
+        warmup_ratio: 0.2,
+        clip_grad_norm: 1.0,
+        save_every: 2,
+        keep: 10,
+        ..base_config(&model, &dir.join(out))
+    };
+    let full = run(&cfg("full"));
+    assert_eq!(full.losses.len(), 6);
+
+    let part = run_with(&cfg("split"), |m| m.step < 3).unwrap();
+    assert!(part.interrupted);
+    assert_eq!(part.losses, full.losses[..3]);
+    assert!(dir.join("split/checkpoints/step-3/state.json").exists());
+    let resumed = run(&TrainConfig {
+        resume: Some("latest".into()),
+        ..cfg("split")
+    });
+    assert_eq!(
+        resumed.losses,
+        full.losses[3..],
+        "losses after resume differ"
+    );
+    let a = Checkpoint::open(dir.join("full/model")).unwrap();
+    let b = Checkpoint::open(dir.join("split/model")).unwrap();
+    for n in a.names() {
+        assert!(
+            a.raw(n).unwrap().0 == b.raw(n).unwrap().0,
+            "{n} differs after resume"
+        );
+    }
+}
+
+#[test]
+fn tiny_model_overfits_and_frozen_weights_stay() {
+    let model = expanded("overfit");
+    let out = model.parent().unwrap().join("run");
+    let cfg = TrainConfig {
+        max_steps: Some(120),
+        batch_size: 2,
+        lr: 1e-2,
+        weight_decay: 0.1,
+        clip_grad_norm: 1.0,
+        ..base_config(&model, &out)
+    };
+    let r = run(&cfg);
+    let (first, last) = (r.losses[0], *r.losses.last().unwrap());
+    println!("overfit (new blocks only): loss {first:.3} -> {last:.3}");
+    // The frozen final RMSNorm and random lm_head bound the logit margin the two new blocks can
+    // reach: the loss plateaus near 1.14 on this corpus (25 predicted tokens).
+    assert!(last < 1.5, "loss only fell from {first} to {last}");
+    // Only the expanded blocks changed in the exported model.
+    let (a, b) = (
+        Checkpoint::open(&model).unwrap(),
+        Checkpoint::open(out.join("model")).unwrap(),
+    );
+    for n in a.names() {
+        let new = llama_pro::core::expand::layer_of(n).is_some_and(|(i, _)| i == 2 || i == 5);
+        let same = a.raw(n).unwrap().0 == b.raw(n).unwrap().0;
+        assert_eq!(same, !new, "{n}");
+    }
+    assert!(r.eval_after.is_empty() && r.model_dir.is_some());
+    // Full training of the same model memorises the two sequences.
+    let full = run(&TrainConfig {
+        method: llama_pro::train::config::Method::Full,
+        output: out.with_file_name("full"),
+        ..cfg
+    });
+    let last = *full.losses.last().unwrap();
+    println!("overfit (full): loss {:.3} -> {last:.3}", full.losses[0]);
+    assert!(last < 0.1, "full training only reached {last}");
+}
+
+#[test]
+fn non_finite_loss_stops_and_keeps_the_last_checkpoint() {
+    let model = expanded("nan");
+    let out = model.parent().unwrap().join("run");
+    // A huge learning rate without clipping blows the new blocks up within a few steps.
+    let cfg = TrainConfig {
+        max_steps: Some(20),
+        batch_size: 2,
+        lr: 1e12,
+        save_every: 1,
+        keep: 1,
+        ..base_config(&model, &out)
+    };
+    let e = run_with(&cfg, |_| true).unwrap_err().to_string();
+    assert!(e.contains("not finite") && e.contains("step "), "{e}");
+    let step: usize = e
+        .split("step ")
+        .nth(1)
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let last = llama_pro::train::trainer::latest_checkpoint(&out.join("checkpoints"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        last.file_name().unwrap().to_string_lossy(),
+        format!("step-{}", step - 1)
+    );
+    let ck = Checkpoint::open(&last).unwrap();
+    for n in ck.names() {
+        let v = ck.read_f32(n, &ck.meta(n).unwrap().shape).unwrap();
+        assert!(
+            v.iter().all(|x| x.is_finite()),
+            "{n} in the kept checkpoint is not finite"
+        );
+    }
+    assert!(
+        !out.join("model").exists(),
+        "no model is exported after a failed run"
+    );
+}
+
+#[test]
+fn bad_training_options_are_clear() {
+    let model = expanded("badopts");
+    let out = model.parent().unwrap().join("run");
+    let base = base_config(&model, &out);
+    let err = |c: TrainConfig| run_with(&c, |_| true).unwrap_err().to_string();
+    assert!(
+        err(TrainConfig {
+            dtype: "bf16".into(),
+            ..base.clone()
+        })
+        .contains("--dtype bf16")
+    );
+    assert!(
+        err(TrainConfig {
+            data: vec!["nope.txt".into()],
+            ..base.clone()
+        })
+        .contains("nope.txt")
+    );
+    assert!(
+        err(TrainConfig {
+            data: vec!["x.txt:-1".into()],
+            ..base.clone()
+        })
+        .contains("weight must be > 0")
+    );
+    assert!(
+        err(TrainConfig {
+            eval: vec!["general".into()],
+            ..base.clone()
+        })
+        .contains("NAME=FILE")
+    );
+    assert!(
+        err(TrainConfig {
+            warmup_ratio: 1.5,
+            ..base.clone()
+        })
+        .contains("--warmup-ratio")
+    );
+    assert!(
+        err(TrainConfig {
+            trainable: Some("layers[99]".into()),
+            ..base.clone()
+        })
+        .contains("layer 99 does not exist")
+    );
+    // A base model that was never expanded: `pro` explains what to do.
+    let e = err(TrainConfig {
+        model: model_dir("llama-mha-f32"),
+        ..base.clone()
+    });
+    assert!(
+        e.contains("no expanded blocks") && e.contains("llama-pro expand"),
+        "{e}"
+    );
+    // Config files reject unknown keys.
+    let toml = out.parent().unwrap().join("bad.toml");
+    std::fs::write(&toml, "lr = 1e-3\nlearning_rate = 2\n").unwrap();
+    let e = TrainConfig::from_toml(&toml).unwrap_err().to_string();
+    assert!(e.contains("bad.toml") && e.contains("learning_rate"), "{e}");
+}
