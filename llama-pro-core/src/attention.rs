@@ -180,22 +180,31 @@ impl<B: Backend> Attention<B> {
         let v = repeat_kv(v, h / kv);
         let kv_len = k.dims()[2];
 
-        let window_mask = match self.sliding_window {
-            Some(w) if kv_len > w => {
-                Some(sliding_window_mask::<B>(b, h, s, kv_len, w, &q.device()))
-            }
-            _ => None,
+        // Masking. `is_causal` is only used when queries and keys cover the same positions: burn's
+        // fallback aligns the causal boundary to the last position when they differ (cached
+        // decoding), but the fused wgpu kernel does not (its cached logits were off by 3.4 in our
+        // parity test), so then the mask is explicit. A single new query sees every cached key.
+        let window = self.sliding_window.filter(|&w| kv_len > w);
+        let (mask, is_causal) = if window.is_none() && s == kv_len {
+            (None, true)
+        } else if window.is_none() && s == 1 {
+            (None, false)
+        } else {
+            (
+                Some(causal_mask::<B>(b, h, s, kv_len, window, &q.device())),
+                false,
+            )
         };
         let out = attention(
             q,
             k,
             v,
-            window_mask,
+            mask,
             None,
             AttentionModuleOptions {
                 scale: Some(1.0 / (hd as f64).sqrt()),
                 softcap: None,
-                is_causal: true,
+                is_causal,
             },
         );
         let out = out.swap_dims(1, 2).reshape([b, s, h * hd]);
@@ -218,21 +227,26 @@ pub fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
         .reshape([b, kv * n_rep, s, hd])
 }
 
-/// True where query `i` (absolute position `kv_len - q_len + i`) may not see key `j` because it
-/// is more than `window - 1` positions back (Mistral: `j > i - window` is visible).
-fn sliding_window_mask<B: Backend>(
+/// True where query `i` (absolute position `kv_len - q_len + i`) may not see key `j`: keys after
+/// it, and with a sliding window (Mistral: `j > i - window` is visible) keys `window` or more
+/// positions back.
+fn causal_mask<B: Backend>(
     b: usize,
     h: usize,
     q_len: usize,
     kv_len: usize,
-    window: usize,
+    window: Option<usize>,
     device: &B::Device,
 ) -> Tensor<B, 4, Bool> {
     let offset = (kv_len - q_len) as i64;
     let rows = Tensor::<B, 1, Int>::arange(0..q_len as i64, device).reshape([q_len, 1]) + offset;
     let cols = Tensor::<B, 1, Int>::arange(0..kv_len as i64, device).reshape([1, kv_len]);
-    // masked when j <= i - window  ⇔  j + window <= i
-    let mask = (cols + window as i64).lower_equal(rows);
+    let future = cols.clone().greater(rows.clone());
+    let mask = match window {
+        // masked when j <= i - window  ⇔  j + window <= i
+        Some(w) => future.bool_or((cols + w as i64).lower_equal(rows)),
+        None => future,
+    };
     mask.reshape([1, 1, q_len, kv_len])
         .expand([b, h, q_len, kv_len])
 }

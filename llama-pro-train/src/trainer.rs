@@ -235,9 +235,9 @@ pub fn train<B: AutodiffBackend>(
         let (label, lr_scale) = scales
             .iter()
             .find(|(s, _)| s.matches(&p.name, &ctx))
-            .map(|(s, f)| (format!("{s}"), *f))
-            .unwrap_or_else(|| ("default".to_string(), 1.0));
-        let key = format!("{label}{}", if decay { "" } else { " (no decay)" });
+            .map(|(s, f)| (format!("{s} x{f} "), *f))
+            .unwrap_or_else(|| (String::new(), 1.0));
+        let key = format!("{label}{}", if decay { "decay" } else { "no decay" });
         match groups.iter_mut().find(|g| g.label == key) {
             Some(g) => {
                 g.ids.insert(p.id);
