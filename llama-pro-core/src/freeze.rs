@@ -388,6 +388,61 @@ fn group_of(name: &str, map: &LayerMap) -> &'static str {
     }
 }
 
+impl TrainableSummary {
+    fn add(&mut self, name: &str, n: usize, trainable: bool, map: &LayerMap) {
+        let group = group_of(name, map);
+        match self.groups.iter_mut().find(|g| g.group == group) {
+            Some(g) => {
+                g.total += n;
+                g.trainable += if trainable { n } else { 0 };
+            }
+            None => self.groups.push(GroupCount {
+                group: group.to_string(),
+                total: n,
+                trainable: if trainable { n } else { 0 },
+            }),
+        }
+        if trainable {
+            self.trainable_names.push(name.to_string());
+        }
+    }
+
+    fn finish(mut self, selection: &Selection) -> Result<Self> {
+        if self.trainable() == 0 {
+            return Err(err(&selection.text, "selects no parameter of this model"));
+        }
+        let order = [
+            "embed_tokens",
+            "original blocks",
+            "expanded blocks",
+            "norm",
+            "lm_head",
+            "other",
+        ];
+        self.groups
+            .sort_by_key(|g| order.iter().position(|o| *o == g.group));
+        Ok(self)
+    }
+}
+
+/// The summary [`set_trainable`] would give, from parameter names and sizes only (no model is
+/// built: cheap for any checkpoint size).
+pub fn summarize<'a>(
+    params: impl IntoIterator<Item = (&'a str, usize)>,
+    selection: &Selection,
+    ctx: &SelectContext<'_>,
+) -> Result<TrainableSummary> {
+    selection.validate(ctx)?;
+    let mut s = TrainableSummary {
+        groups: Vec::new(),
+        trainable_names: Vec::new(),
+    };
+    for (name, n) in params {
+        s.add(name, n, selection.matches(name, ctx), ctx.map);
+    }
+    s.finish(selection)
+}
+
 struct SetTrainable<'a> {
     path: Vec<String>,
     selection: &'a Selection,
@@ -405,22 +460,8 @@ impl<B: Backend> ModuleMapper<B> for SetTrainable<'_> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let name = self.path.join(".");
         let trainable = self.selection.matches(&name, self.ctx);
-        let n: usize = param.shape().num_elements();
-        let group = group_of(&name, self.ctx.map);
-        match self.summary.groups.iter_mut().find(|g| g.group == group) {
-            Some(g) => {
-                g.total += n;
-                g.trainable += if trainable { n } else { 0 };
-            }
-            None => self.summary.groups.push(GroupCount {
-                group: group.to_string(),
-                total: n,
-                trainable: if trainable { n } else { 0 },
-            }),
-        }
-        if trainable {
-            self.summary.trainable_names.push(name);
-        }
+        self.summary
+            .add(&name, param.shape().num_elements(), trainable, self.ctx.map);
         param.set_require_grad(trainable)
     }
 }

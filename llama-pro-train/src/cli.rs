@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use llama_pro_core::burn::tensor::backend::Backend;
 use llama_pro_core::device::{DeviceSpec, OnBackend, dispatch};
 use llama_pro_core::expand::{ExpansionPlan, LayerMap, expand_checkpoint};
-use llama_pro_core::freeze::{Selection, set_trainable};
+use llama_pro_core::freeze::{SelectContext, Selection, summarize};
 use llama_pro_core::generate::{GenerationConfig, generate};
 use llama_pro_core::save::{SaveOptions, save_pretrained};
 use llama_pro_core::weights::Checkpoint;
@@ -91,6 +91,9 @@ pub struct TrainArgs {
     /// One line = one sequence (truncated, padding masked out of the loss) instead of packing.
     #[arg(long)]
     pub no_packing: bool,
+    /// Tokenize every run instead of using the token cache ($LLAMA_PRO_CACHE or ~/.cache/llama-pro/tokens).
+    #[arg(long)]
+    pub no_token_cache: bool,
     /// Peak learning rate (paper: 2e-4).
     #[arg(long)]
     pub lr: Option<f64>,
@@ -202,6 +205,9 @@ impl TrainArgs {
         }
         if self.no_packing {
             c.packing = false;
+        }
+        if self.no_token_cache {
+            c.token_cache = false;
         }
         Ok(c)
     }
@@ -429,14 +435,23 @@ fn inspect(a: &InspectArgs) -> Result<()> {
     let summary = match &a.trainable {
         Some(spec) => {
             let sel = Selection::parse(spec)?;
-            // Lazy shapes only: build the model on the CPU from the checkpoint.
-            let model = LlamaForCausalLM::<CpuBackend>::from_checkpoint(
-                c,
-                &ckpt,
-                &Default::default(),
-                c.dtype,
-            )?;
-            Some(set_trainable(model, &sel, &map)?.1)
+            // Names and shapes only: no model is built, so this is instant for any size.
+            let ctx = SelectContext {
+                map: &map,
+                tied: c.tie_word_embeddings,
+            };
+            let sizes: Vec<(String, usize)> = ckpt
+                .names()
+                .filter_map(|n| {
+                    ckpt.meta(n)
+                        .map(|m| (n.to_string(), m.shape.iter().product()))
+                })
+                .collect();
+            Some(summarize(
+                sizes.iter().map(|(n, s)| (n.as_str(), *s)),
+                &sel,
+                &ctx,
+            )?)
         }
         None => None,
     };

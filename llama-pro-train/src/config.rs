@@ -70,6 +70,8 @@ pub struct TrainConfig {
     pub seq_len: usize,
     /// Pack documents into `seq_len` windows with EOS between them; `false`: one line = one sequence.
     pub packing: bool,
+    /// Cache tokenized data in `$LLAMA_PRO_CACHE` (default `~/.cache/llama-pro/tokens`).
+    pub token_cache: bool,
     /// Peak learning rate.
     pub lr: f64,
     /// Decay after warmup.
@@ -125,6 +127,7 @@ impl Default for TrainConfig {
             grad_accum: 1,
             seq_len: 512,
             packing: true,
+            token_cache: true,
             lr: 2e-4,
             lr_schedule: ScheduleKind::Cosine,
             warmup_ratio: 0.06,

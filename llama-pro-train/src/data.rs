@@ -122,3 +122,123 @@ pub fn existing(path: &Path) -> Result<PathBuf> {
         })
     }
 }
+
+/// Where tokenized data is cached: `$LLAMA_PRO_CACHE`, else `~/.cache/llama-pro/tokens`.
+pub fn default_cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("LLAMA_PRO_CACHE") {
+        return PathBuf::from(d);
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    home.join(".cache").join("llama-pro").join("tokens")
+}
+
+const CACHE_MAGIC: &[u8; 8] = b"LPTOK001";
+
+/// [`read_sequences`] (untruncated) through a binary cache keyed by the SHA-256 of the data file,
+/// the tokenizer file and the vocabulary size: the first run tokenizes (with a progress bar) and
+/// writes `<key>.bin` (temp file + rename); later runs memory-map it.
+///
+/// Layout: magic, document count `n` (u64), `n + 1` offsets (u64), then the ids (u32), little-endian.
+pub fn read_documents_cached(
+    path: &Path,
+    tokenizer: Option<&Tokenizer>,
+    tokenizer_file: Option<&Path>,
+    vocab_size: usize,
+    cache_dir: &Path,
+    progress: bool,
+) -> Result<Vec<Vec<u32>>> {
+    use sha2::{Digest, Sha256};
+    let io = |p: &Path, source| TrainError::Io {
+        path: p.to_path_buf(),
+        source,
+    };
+    let mut h = Sha256::new();
+    h.update(CACHE_MAGIC);
+    h.update(std::fs::read(path).map_err(|e| io(path, e))?);
+    if let Some(t) = tokenizer_file {
+        h.update(std::fs::read(t).map_err(|e| io(t, e))?);
+    }
+    h.update((vocab_size as u64).to_le_bytes());
+    let key: String = h
+        .finalize()
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let file = cache_dir.join(format!("{key}.bin"));
+    if let Ok(docs) = read_cache(&file) {
+        return Ok(docs);
+    }
+    if progress {
+        eprintln!(
+            "tokenizing {} (cached afterwards in {})",
+            path.display(),
+            file.display()
+        );
+    }
+    let docs = read_sequences(path, tokenizer, vocab_size, usize::MAX)?;
+    // A cache that cannot be written only costs time next run; the data is still good.
+    if std::fs::create_dir_all(cache_dir).is_ok() {
+        let tmp = cache_dir.join(format!(".{key}.tmp-{}", std::process::id()));
+        let mut bytes = Vec::with_capacity(
+            16 + 8 * (docs.len() + 1) + 4 * docs.iter().map(Vec::len).sum::<usize>(),
+        );
+        bytes.extend_from_slice(CACHE_MAGIC);
+        bytes.extend_from_slice(&(docs.len() as u64).to_le_bytes());
+        let mut off = 0u64;
+        bytes.extend_from_slice(&off.to_le_bytes());
+        for d in &docs {
+            off += d.len() as u64;
+            bytes.extend_from_slice(&off.to_le_bytes());
+        }
+        for d in &docs {
+            for t in d {
+                bytes.extend_from_slice(&t.to_le_bytes());
+            }
+        }
+        if std::fs::write(&tmp, &bytes).is_ok() {
+            let _ = std::fs::rename(&tmp, &file);
+        }
+    }
+    Ok(docs)
+}
+
+fn read_cache(file: &Path) -> std::io::Result<Vec<Vec<u32>>> {
+    let f = std::fs::File::open(file)?;
+    // SAFETY: read-only map of a file we wrote with an atomic rename; never modified in place.
+    let m = unsafe { memmap2::Mmap::map(&f)? };
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "corrupt token cache");
+    if m.len() < 16 || &m[..8] != CACHE_MAGIC {
+        return Err(bad());
+    }
+    let u64_at = |i: usize| -> std::io::Result<u64> {
+        m.get(i..i + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+            .ok_or_else(bad)
+    };
+    let n = u64_at(8)? as usize;
+    let ids_start = 16 + 8 * (n + 1);
+    let total = u64_at(16 + 8 * n)? as usize;
+    if m.len() != ids_start + 4 * total {
+        return Err(bad());
+    }
+    let mut docs = Vec::with_capacity(n);
+    for i in 0..n {
+        let (a, b) = (
+            u64_at(16 + 8 * i)? as usize,
+            u64_at(16 + 8 * (i + 1))? as usize,
+        );
+        if a > b || b > total {
+            return Err(bad());
+        }
+        docs.push(
+            m[ids_start + 4 * a..ids_start + 4 * b]
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        );
+    }
+    Ok(docs)
+}

@@ -41,22 +41,35 @@ pub fn parse_data_spec(spec: &str) -> Result<(PathBuf, f64)> {
 /// Read a source: every document tokenized; with `packing`, documents joined with `eos` between
 /// them and cut into windows of exactly `seq_len` tokens (a last partial window is dropped unless
 /// it is the only one), else one window per document, truncated to `seq_len`.
+/// Documents are read through the token cache in `cache` (see
+/// [`read_documents_cached`](crate::data::read_documents_cached)) when given.
+#[allow(clippy::too_many_arguments)]
 pub fn load_source(
     spec: &str,
     tokenizer: Option<&Tokenizer>,
+    tokenizer_file: Option<&std::path::Path>,
     vocab_size: usize,
     seq_len: usize,
     packing: bool,
     eos: Option<u32>,
+    cache: Option<&std::path::Path>,
 ) -> Result<Source> {
     let (path, weight) = parse_data_spec(spec)?;
     let path = existing(&path)?;
-    let docs = read_sequences(
-        &path,
-        tokenizer,
-        vocab_size,
-        if packing { usize::MAX } else { seq_len },
-    )?;
+    let mut docs = match cache {
+        Some(dir) => crate::data::read_documents_cached(
+            &path,
+            tokenizer,
+            tokenizer_file,
+            vocab_size,
+            dir,
+            true,
+        )?,
+        None => read_sequences(&path, tokenizer, vocab_size, usize::MAX)?,
+    };
+    if !packing {
+        docs.iter_mut().for_each(|d| d.truncate(seq_len));
+    }
     let windows = if packing {
         let mut stream: Vec<u32> = Vec::with_capacity(docs.iter().map(|d| d.len() + 1).sum());
         for d in docs {

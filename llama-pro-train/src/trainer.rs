@@ -162,7 +162,20 @@ pub fn train<B: AutodiffBackend>(
     let mut sources: Vec<Source> = cfg
         .data
         .iter()
-        .map(|d| load_source(d, tok.as_ref(), c.vocab_size, cfg.seq_len, cfg.packing, eos))
+        .map(|d| {
+            let tf = model_dir.join("tokenizer.json");
+            let cache = cfg.token_cache.then(crate::data::default_cache_dir);
+            load_source(
+                d,
+                tok.as_ref(),
+                tf.exists().then_some(tf.as_path()),
+                c.vocab_size,
+                cfg.seq_len,
+                cfg.packing,
+                eos,
+                cache.as_deref(),
+            )
+        })
         .collect::<Result<_>>()?;
     let mut eval_sets: Vec<(String, Vec<Vec<u32>>)> = Vec::new();
     for e in &cfg.eval {

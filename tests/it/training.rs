@@ -44,6 +44,7 @@ fn base_config(model: &Path, output: &Path) -> TrainConfig {
         seq_len: 64,
         val_fraction: 0.0,
         log_every: 0,
+        token_cache: false,
         ..Default::default()
     }
 }
@@ -359,4 +360,49 @@ fn bad_training_options_are_clear() {
     std::fs::write(&toml, "lr = 1e-3\nlearning_rate = 2\n").unwrap();
     let e = TrainConfig::from_toml(&toml).unwrap_err().to_string();
     assert!(e.contains("bad.toml") && e.contains("learning_rate"), "{e}");
+}
+
+#[test]
+fn token_cache_is_reused_and_invalidated() {
+    use llama_pro::train::data::{read_documents_cached, read_sequences};
+    let dir = tmpdir("tokcache");
+    let cache = dir.join("cache");
+    let data = dir.join("a.txt");
+    std::fs::write(&data, "def add(a, b):\n    return a + b\nprint(1)\n").unwrap();
+    let mdir = model_dir("llama-mha-f32");
+    let tok = llama_pro::core::Tokenizer::from_dir(&mdir, Some(1), &[2]).unwrap();
+    let tf = mdir.join("tokenizer.json");
+    let direct = read_sequences(&data, Some(&tok), 320, usize::MAX).unwrap();
+    let first = read_documents_cached(&data, Some(&tok), Some(&tf), 320, &cache, false).unwrap();
+    assert_eq!(first, direct);
+    let files: Vec<_> = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1);
+    // Second read: served from the cache file (no tokenizer needed at all).
+    assert_eq!(
+        read_documents_cached(&data, None, Some(&tf), 320, &cache, false).unwrap(),
+        direct
+    );
+    // A changed file gets a new entry.
+    std::fs::write(&data, "x = 1\n").unwrap();
+    let changed = read_documents_cached(&data, Some(&tok), Some(&tf), 320, &cache, false).unwrap();
+    assert_eq!(
+        changed,
+        read_sequences(&data, Some(&tok), 320, usize::MAX).unwrap()
+    );
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 2);
+    // A corrupt entry is ignored and rewritten.
+    let entry = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p != &files[0])
+        .unwrap();
+    std::fs::write(&entry, b"garbage").unwrap();
+    assert_eq!(
+        read_documents_cached(&data, Some(&tok), Some(&tf), 320, &cache, false).unwrap(),
+        changed
+    );
+    assert!(std::fs::metadata(&entry).unwrap().len() > 16);
 }
