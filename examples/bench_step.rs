@@ -1,0 +1,113 @@
+//! One training-step measurement, for `benches/compare_torch.py` (which runs the identical step in
+//! PyTorch in the same session and prints the ratio). Prints one JSON line.
+//!
+//!     cargo run --release --example bench_step -- --case S --mode pro --steps 10 --warmup 3
+//!
+//! Cases (f32, 1,024 tokens per step): S = vocab 4096, hidden 256, FFN 688, 4 layers, 4 heads,
+//! seq 128, batch 8; M = vocab 8192, hidden 512, FFN 1376, 8 layers, 8 heads, seq 256, batch 4.
+//! Both expanded interleaved with groups of 4 blocks and one copy each (S: 4 → 5 layers,
+//! M: 8 → 10, the paper's 4 → 5 ratio). Modes: `full` (every parameter of the expanded model
+//! trains), `pro` (only the new blocks), `forward` (no gradient). The step is forward, mean
+//! cross-entropy, backward and AdamW (lr 1e-4, β 0.9/0.95, ε 1e-8, wd 0.1), then a host sync.
+
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use llama_pro::core::LlamaConfig;
+use llama_pro::core::burn::backend::{Autodiff, Flex};
+use llama_pro::core::burn::module::AutodiffModule;
+use llama_pro::core::burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use llama_pro::core::burn::tensor::{Int, Tensor, TensorData};
+use llama_pro::core::expand::{ExpansionPlan, expand_model};
+use llama_pro::core::freeze::{Selection, set_trainable};
+use llama_pro::core::model::{LlamaForCausalLM, causal_lm_loss_sum};
+
+type B = Autodiff<Flex>;
+
+fn config(case: &str) -> Result<(LlamaConfig, usize, usize)> {
+    let mut c = LlamaConfig::tiny(4096);
+    let (batch, seq) = match case {
+        "S" => {
+            (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers) = (4096, 256, 688, 4);
+            (c.num_attention_heads, c.num_key_value_heads) = (4, 4);
+            (8, 128)
+        }
+        "M" => {
+            (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers) = (8192, 512, 1376, 8);
+            (c.num_attention_heads, c.num_key_value_heads) = (8, 8);
+            (4, 256)
+        }
+        other => bail!("--case {other}: expected S or M"),
+    };
+    c.head_dim = c.hidden_size / c.num_attention_heads;
+    c.max_position_embeddings = 4096;
+    Ok((c, batch, seq))
+}
+
+fn peak_rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let get = |k: &str, d: &str| -> String {
+        args.iter().position(|a| a == k).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| d.to_string())
+    };
+    let (case, mode) = (get("--case", "S"), get("--mode", "pro"));
+    let steps: usize = get("--steps", "10").parse()?;
+    let warmup: usize = get("--warmup", "3").parse()?;
+    let (cfg, batch, seq) = config(&case)?;
+    let device = Default::default();
+    let base = cfg.init::<B>(&device, 0);
+    let groups = cfg.num_hidden_layers / 4;
+    let (model, map) = expand_model(base, &ExpansionPlan::Interleaved { groups, copies: 1 }, None)?;
+    let selection = match mode.as_str() {
+        "full" | "forward" => "all",
+        "pro" => "expanded",
+        other => bail!("--mode {other}: expected full, pro or forward"),
+    };
+    let (mut model, summary) = set_trainable(model, &Selection::parse(selection)?, &map)?;
+    let ids: Vec<i64> = (0..batch * seq).map(|i| ((i as u64 * 2654435761) % cfg.vocab_size as u64) as i64).collect();
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, seq]), &device);
+    let mask = Tensor::<B, 2>::ones([batch, seq], &device);
+    let mut optim = AdamWConfig::new().with_beta_2(0.95).with_epsilon(1e-8).with_weight_decay(0.1).init::<B, LlamaForCausalLM<B>>();
+    let mut times = Vec::new();
+    let mut loss_first = f32::NAN;
+    let mut loss_last = f32::NAN;
+    for i in 0..warmup + steps {
+        let t = Instant::now();
+        if mode == "forward" {
+            let inner = model.valid();
+            let (s, c) = causal_lm_loss_sum(inner.forward(ids.clone().inner()), ids.clone().inner(), mask.clone().inner());
+            loss_last = (s / c).into_scalar();
+        } else {
+            let (s, c) = causal_lm_loss_sum(model.forward(ids.clone()), ids.clone(), mask.clone());
+            let loss = s / c;
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optim.step(1e-4, model, grads);
+            loss_last = loss.into_scalar();
+        }
+        if i == 0 {
+            loss_first = loss_last;
+        }
+        if i >= warmup {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    println!(
+        "{}",
+        serde_json::json!({
+            "impl": "llama-pro", "case": case, "mode": mode, "layers": map.len(),
+            "params": summary.total(), "trainable": if mode == "forward" { 0 } else { summary.trainable() },
+            "tokens_per_step": batch * seq, "median_step_s": median, "tokens_per_s": (batch * seq) as f64 / median,
+            "peak_rss_mb": peak_rss_kb() as f64 / 1024.0, "loss_first": loss_first, "loss_last": loss_last,
+            "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        })
+    );
+    Ok(())
+}
