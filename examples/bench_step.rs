@@ -28,12 +28,22 @@ fn config(case: &str) -> Result<(LlamaConfig, usize, usize)> {
     let mut c = LlamaConfig::tiny(4096);
     let (batch, seq) = match case {
         "S" => {
-            (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers) = (4096, 256, 688, 4);
+            (
+                c.vocab_size,
+                c.hidden_size,
+                c.intermediate_size,
+                c.num_hidden_layers,
+            ) = (4096, 256, 688, 4);
             (c.num_attention_heads, c.num_key_value_heads) = (4, 4);
             (8, 128)
         }
         "M" => {
-            (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers) = (8192, 512, 1376, 8);
+            (
+                c.vocab_size,
+                c.hidden_size,
+                c.intermediate_size,
+                c.num_hidden_layers,
+            ) = (8192, 512, 1376, 8);
             (c.num_attention_heads, c.num_key_value_heads) = (8, 8);
             (4, 256)
         }
@@ -47,14 +57,22 @@ fn config(case: &str) -> Result<(LlamaConfig, usize, usize)> {
 fn peak_rss_kb() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let get = |k: &str, d: &str| -> String {
-        args.iter().position(|a| a == k).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| d.to_string())
+        args.iter()
+            .position(|a| a == k)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+            .unwrap_or_else(|| d.to_string())
     };
     let (case, mode) = (get("--case", "S"), get("--mode", "pro"));
     let steps: usize = get("--steps", "10").parse()?;
@@ -63,17 +81,27 @@ fn main() -> Result<()> {
     let device = Default::default();
     let base = cfg.init::<B>(&device, 0);
     let groups = cfg.num_hidden_layers / 4;
-    let (model, map) = expand_model(base, &ExpansionPlan::Interleaved { groups, copies: 1 }, None)?;
+    let (model, map) = expand_model(
+        base,
+        &ExpansionPlan::Interleaved { groups, copies: 1 },
+        None,
+    )?;
     let selection = match mode.as_str() {
         "full" | "forward" => "all",
         "pro" => "expanded",
         other => bail!("--mode {other}: expected full, pro or forward"),
     };
     let (mut model, summary) = set_trainable(model, &Selection::parse(selection)?, &map)?;
-    let ids: Vec<i64> = (0..batch * seq).map(|i| ((i as u64 * 2654435761) % cfg.vocab_size as u64) as i64).collect();
+    let ids: Vec<i64> = (0..batch * seq)
+        .map(|i| ((i as u64 * 2654435761) % cfg.vocab_size as u64) as i64)
+        .collect();
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, seq]), &device);
     let mask = Tensor::<B, 2>::ones([batch, seq], &device);
-    let mut optim = AdamWConfig::new().with_beta_2(0.95).with_epsilon(1e-8).with_weight_decay(0.1).init::<B, LlamaForCausalLM<B>>();
+    let mut optim = AdamWConfig::new()
+        .with_beta_2(0.95)
+        .with_epsilon(1e-8)
+        .with_weight_decay(0.1)
+        .init::<B, LlamaForCausalLM<B>>();
     let mut times = Vec::new();
     let mut loss_first = f32::NAN;
     let mut loss_last = f32::NAN;
@@ -81,7 +109,11 @@ fn main() -> Result<()> {
         let t = Instant::now();
         if mode == "forward" {
             let inner = model.valid();
-            let (s, c) = causal_lm_loss_sum(inner.forward(ids.clone().inner()), ids.clone().inner(), mask.clone().inner());
+            let (s, c) = causal_lm_loss_sum(
+                inner.forward(ids.clone().inner()),
+                ids.clone().inner(),
+                mask.clone().inner(),
+            );
             loss_last = (s / c).into_scalar();
         } else {
             let (s, c) = causal_lm_loss_sum(model.forward(ids.clone()), ids.clone(), mask.clone());

@@ -37,6 +37,10 @@ def load(path, dtype="auto"):
     return model.eval(), info
 
 
+def loading_problems(info):
+    return {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default=default_bin())
@@ -56,8 +60,7 @@ def main():
                 subprocess.run([args.bin, "convert", "--model", src, "--output", str(out), *extra], check=True,
                                stdout=subprocess.DEVNULL)
                 model, info = load(out)
-                problems = {k: v for k, v in info.items() if v and k in
-                            ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")}
+                problems = loading_problems(info)
                 with torch.no_grad():
                     got = model(input_ids=ids).logits.float()
                 if extra:
@@ -80,8 +83,7 @@ def main():
                 subprocess.run([args.bin, "expand", "--model", src, "--output", str(out), *layout], check=True,
                                stdout=subprocess.DEVNULL)
                 model, info = load(out)
-                problems = {k: v for k, v in info.items() if v and k in
-                            ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")}
+                problems = loading_problems(info)
                 with torch.no_grad():
                     got = model(input_ids=ids).logits.float()
                 diff = (got - want).abs().max().item()

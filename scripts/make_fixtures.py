@@ -267,6 +267,17 @@ def sha(t):
                           else t.view(torch.int16).numpy().tobytes()).hexdigest()
 
 
+def expanded_model():
+    src = FIX / "models" / "llama-mha-f32"
+    base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, attn_implementation="eager").eval()
+    cfg = base.config.to_dict()
+    cfg["num_hidden_layers"] = 6
+    exp = AutoModelForCausalLM.from_config(LlamaConfig(**{k: v for k, v in cfg.items() if k != "architectures"}),
+                                           dtype=torch.float32, attn_implementation="eager")
+    exp.load_state_dict(official_expand(base.state_dict(), 4, 2, 1), strict=True)
+    return exp.eval()
+
+
 def expansion_fixtures():
     from safetensors.torch import load_file
     hashes = {}
@@ -284,14 +295,9 @@ def expansion_fixtures():
         hashes[f"{model}/{case}"] = {k: sha(v) for k, v in sorted(out.items())}
 
     # Gradients of the first step with only the new blocks trainable, and the identity.
-    src = FIX / "models" / "llama-mha-f32"
-    base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, attn_implementation="eager").eval()
-    cfg = base.config.to_dict()
-    cfg["num_hidden_layers"] = 6
-    exp = AutoModelForCausalLM.from_config(LlamaConfig(**{k: v for k, v in cfg.items() if k != "architectures"}),
-                                           dtype=torch.float32, attn_implementation="eager")
-    exp.load_state_dict(official_expand(base.state_dict(), 4, 2, 1), strict=True)
-    exp.eval()
+    base = AutoModelForCausalLM.from_pretrained(FIX / "models" / "llama-mha-f32", dtype=torch.float32,
+                                                attn_implementation="eager").eval()
+    exp = expanded_model()
     golden_ids = __import__("safetensors.torch", fromlist=["load_file"]).load_file(
         str(FIX / "golden" / "llama-mha-f32.safetensors"))["input_ids"]
     with torch.no_grad():
@@ -310,17 +316,6 @@ def expansion_fixtures():
             out[f"grad.{name}"] = p.grad.detach().clone()
     save_file({k: v.contiguous() for k, v in out.items()}, str(FIX / "golden" / "expanded-grads.safetensors"))
     (FIX / "expansion_hashes.json").write_text(json.dumps(hashes, indent=1, sort_keys=True))
-
-
-def expanded_model():
-    src = FIX / "models" / "llama-mha-f32"
-    base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, attn_implementation="eager").eval()
-    cfg = base.config.to_dict()
-    cfg["num_hidden_layers"] = 6
-    exp = AutoModelForCausalLM.from_config(LlamaConfig(**{k: v for k, v in cfg.items() if k != "architectures"}),
-                                           dtype=torch.float32, attn_implementation="eager")
-    exp.load_state_dict(official_expand(base.state_dict(), 4, 2, 1), strict=True)
-    return exp.eval()
 
 
 def training_fixtures():

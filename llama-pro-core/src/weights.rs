@@ -307,47 +307,41 @@ impl Checkpoint {
         })
     }
 
-    /// Raw little-endian bytes, safetensors dtype and shape of a tensor (no copy).
-    pub fn raw(&self, name: &str) -> Result<(&[u8], StDtype, &[usize])> {
-        let id = *self
+    /// The file holding `name`, its header entry and the absolute byte range of its data.
+    fn lookup(
+        &self,
+        name: &str,
+    ) -> Result<(
+        &MappedFile,
+        &safetensors::tensor::TensorInfo,
+        std::ops::Range<usize>,
+    )> {
+        let missing = |files: String| CoreError::MissingTensor {
+            name: name.to_string(),
+            files,
+        };
+        let f = &self.files[*self
             .index
             .get(name)
-            .ok_or_else(|| CoreError::MissingTensor {
-                name: name.to_string(),
-                files: self.file_list(),
-            })?;
-        let f = &self.files[id];
+            .ok_or_else(|| missing(self.file_list()))?];
         let info = f
             .metadata
             .info(name)
-            .ok_or_else(|| CoreError::MissingTensor {
-                name: name.to_string(),
-                files: f.path.display().to_string(),
-            })?;
-        let start = 8 + f.header_len + info.data_offsets.0;
-        let end = 8 + f.header_len + info.data_offsets.1;
-        Ok((&f.mmap[start..end], info.dtype, &info.shape))
+            .ok_or_else(|| missing(f.path.display().to_string()))?;
+        let (a, b) = info.data_offsets;
+        Ok((f, info, 8 + f.header_len + a..8 + f.header_len + b))
+    }
+
+    /// Raw little-endian bytes, safetensors dtype and shape of a tensor (no copy).
+    pub fn raw(&self, name: &str) -> Result<(&[u8], StDtype, &[usize])> {
+        let (f, info, range) = self.lookup(name)?;
+        Ok((&f.mmap[range], info.dtype, &info.shape))
     }
 
     /// File, byte offset and length of a tensor's data (for streaming copies).
     pub fn location(&self, name: &str) -> Result<(PathBuf, u64, usize)> {
-        let id = *self
-            .index
-            .get(name)
-            .ok_or_else(|| CoreError::MissingTensor {
-                name: name.to_string(),
-                files: self.file_list(),
-            })?;
-        let f = &self.files[id];
-        let info = f
-            .metadata
-            .info(name)
-            .ok_or_else(|| CoreError::MissingTensor {
-                name: name.to_string(),
-                files: f.path.display().to_string(),
-            })?;
-        let (a, b) = info.data_offsets;
-        Ok((f.path.clone(), (8 + f.header_len + a) as u64, b - a))
+        let (f, _, range) = self.lookup(name)?;
+        Ok((f.path.clone(), range.start as u64, range.len()))
     }
 
     /// The file holding `name` (for messages).
