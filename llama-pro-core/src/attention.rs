@@ -144,21 +144,11 @@ impl<B: Backend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let (h, kv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self
-            .q_proj
-            .forward(x.clone())
-            .reshape([b, s, h, hd])
-            .swap_dims(1, 2);
-        let k = self
-            .k_proj
-            .forward(x.clone())
-            .reshape([b, s, kv, hd])
-            .swap_dims(1, 2);
-        let v = self
-            .v_proj
-            .forward(x)
-            .reshape([b, s, kv, hd])
-            .swap_dims(1, 2);
+        // [b, s, n·hd] → [b, n, s, hd]
+        let heads = |t: Tensor<B, 3>, n: usize| t.reshape([b, s, n, hd]).swap_dims(1, 2);
+        let q = heads(self.q_proj.forward(x.clone()), h);
+        let k = heads(self.k_proj.forward(x.clone()), kv);
+        let v = heads(self.v_proj.forward(x), kv);
         let q = apply_rope(q, cos.clone(), sin.clone());
         let k = apply_rope(k, cos, sin);
 
@@ -180,10 +170,10 @@ impl<B: Backend> Attention<B> {
         let v = repeat_kv(v, h / kv);
         let kv_len = k.dims()[2];
 
-        // Masking. `is_causal` is only used when queries and keys cover the same positions: burn's
-        // fallback aligns the causal boundary to the last position when they differ (cached
-        // decoding), but the fused wgpu kernel does not (its cached logits were off by 3.4 in our
-        // parity test), so then the mask is explicit. A single new query sees every cached key.
+        // Masking. `is_causal` is used only when queries and keys cover the same positions. When
+        // they differ (cached decoding), the boundary must align to the last position: burn's
+        // fallback does that, but the option does not specify it for every kernel, so the mask is
+        // explicit then. A single new query sees every cached key: no mask at all.
         let window = self.sliding_window.filter(|&w| kv_len > w);
         let (mask, is_causal) = if window.is_none() && s == kv_len {
             (None, true)

@@ -56,6 +56,17 @@ impl std::fmt::Display for DeviceSpec {
     }
 }
 
+/// The wgpu backend we run: burn's `CubeBackend` on the wgpu runtime *without* kernel fusion.
+///
+/// `burn::backend::Wgpu` wraps it in `Fusion`, which in burn 0.21 miscompiles the SwiGLU block
+/// at a single position (one row: cached decoding, or a 1-token input): the MLP output was off
+/// by 0.27 and the logits by 2.5–3.4 on Mesa lavapipe, while every op on its own and the same
+/// graph with two rows matched the CPU (`tests/it/parity.rs`, the wgpu tests). Without fusion
+/// the wgpu parity tests pass.
+#[cfg(feature = "wgpu")]
+pub type WgpuBackend =
+    burn::backend::wgpu::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;
+
 /// Work to run on whichever backend the user picked (inference).
 pub trait OnBackend {
     /// What the work returns.
@@ -84,7 +95,7 @@ pub fn dispatch<T: OnBackend>(spec: DeviceSpec, task: T) -> Result<T::Output> {
         #[cfg(feature = "cpu")]
         DeviceSpec::Cpu => Ok(task.run::<burn::backend::Flex>(Default::default())),
         #[cfg(feature = "wgpu")]
-        DeviceSpec::Wgpu(i) => Ok(task.run::<burn::backend::Wgpu>(wgpu_device(i))),
+        DeviceSpec::Wgpu(i) => Ok(task.run::<WgpuBackend>(wgpu_device(i))),
         #[cfg(feature = "cuda")]
         DeviceSpec::Cuda(i) => {
             Ok(task.run::<burn::backend::Cuda>(burn::backend::cuda::CudaDevice::new(i)))
@@ -101,7 +112,7 @@ pub fn dispatch_autodiff<T: OnAutodiffBackend>(spec: DeviceSpec, task: T) -> Res
         #[cfg(feature = "cpu")]
         DeviceSpec::Cpu => Ok(task.run::<Autodiff<burn::backend::Flex>>(Default::default())),
         #[cfg(feature = "wgpu")]
-        DeviceSpec::Wgpu(i) => Ok(task.run::<Autodiff<burn::backend::Wgpu>>(wgpu_device(i))),
+        DeviceSpec::Wgpu(i) => Ok(task.run::<Autodiff<WgpuBackend>>(wgpu_device(i))),
         #[cfg(feature = "cuda")]
         DeviceSpec::Cuda(i) => {
             Ok(task.run::<Autodiff<burn::backend::Cuda>>(burn::backend::cuda::CudaDevice::new(i)))

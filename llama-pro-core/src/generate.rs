@@ -22,6 +22,10 @@ pub struct GenerationConfig {
     pub seed: u64,
     /// Tokens that end generation.
     pub eos_token_ids: Vec<u32>,
+    /// Reuse keys/values of earlier positions (fast). `false` recomputes the whole sequence at
+    /// every step: slower, the same result (a fallback should a backend's single-position kernels
+    /// misbehave, as burn's fused wgpu kernels did; see `device::WgpuBackend`).
+    pub use_kv_cache: bool,
 }
 
 impl Default for GenerationConfig {
@@ -33,6 +37,7 @@ impl Default for GenerationConfig {
             top_p: None,
             seed: 0,
             eos_token_ids: vec![],
+            use_kv_cache: true,
         }
     }
 }
@@ -155,10 +160,15 @@ pub fn generate<B: Backend>(
     let mut cache = KvCache::new(model.config.num_hidden_layers);
     let mut out = Vec::new();
     let mut input: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
+    let mut all = input.clone();
     for _ in 0..cfg.max_new_tokens {
         let n = input.len();
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(input, [1, n]), device);
-        let logits = model.forward_cached(ids, &mut cache);
+        let logits = if cfg.use_kv_cache {
+            model.forward_cached(ids, &mut cache)
+        } else {
+            model.forward(ids)
+        };
         let last = logits
             .narrow(1, n - 1, 1)
             .cast(FloatDType::F32)
@@ -173,7 +183,12 @@ pub fn generate<B: Backend>(
         if cfg.eos_token_ids.contains(&next) {
             break;
         }
-        input = vec![next as i64];
+        all.push(next as i64);
+        input = if cfg.use_kv_cache {
+            vec![next as i64]
+        } else {
+            all.clone()
+        };
     }
     Ok(out)
 }

@@ -344,6 +344,10 @@ pub struct GenerateArgs {
     /// Keep generating after an end-of-sequence token.
     #[arg(long)]
     pub ignore_eos: bool,
+    /// Recompute the whole sequence at every step instead of caching keys/values (slower, same
+    /// result; a fallback should a backend's single-position kernels misbehave).
+    #[arg(long)]
+    pub no_kv_cache: bool,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub compute: ComputeArgs,
@@ -645,6 +649,7 @@ impl OnBackend for GenerateTask<'_> {
             } else {
                 tok.eos_token_ids.clone()
             },
+            use_kv_cache: !a.no_kv_cache,
         };
         let mut stdout = std::io::stdout();
         let _ = write!(stdout, "{}", a.prompt);

@@ -37,6 +37,39 @@ fn greedy_generation_matches_full_forward_argmax() {
 }
 
 #[test]
+fn generation_without_kv_cache_is_the_same() {
+    let device = Default::default();
+    let (model, _) = LlamaForCausalLM::<Cpu>::from_pretrained(
+        model_dir("qwen2-bias-f32"),
+        &device,
+        Some(DType::F32),
+    )
+    .unwrap();
+    let prompt = [1u32, 9, 33];
+    for temperature in [0.0, 1.0] {
+        let cfg = GenerationConfig {
+            max_new_tokens: 10,
+            temperature,
+            seed: 5,
+            ..Default::default()
+        };
+        let cached = generate(&model, &prompt, &cfg, &device, |_| {}).unwrap();
+        let plain = generate(
+            &model,
+            &prompt,
+            &GenerationConfig {
+                use_kv_cache: false,
+                ..cfg
+            },
+            &device,
+            |_| {},
+        )
+        .unwrap();
+        assert_eq!(cached, plain, "temperature {temperature}");
+    }
+}
+
+#[test]
 fn generation_stops_at_eos_and_sampling_is_seeded() {
     let device = Default::default();
     let (model, _) = LlamaForCausalLM::<Cpu>::from_pretrained(
