@@ -406,3 +406,31 @@ fn token_cache_is_reused_and_invalidated() {
     );
     assert!(std::fs::metadata(&entry).unwrap().len() > 16);
 }
+
+#[test]
+fn warmup_then_cosine_schedule() {
+    use llama_pro::train::schedule::Schedule;
+    let s = Schedule {
+        lr: 1.0,
+        min_lr: 0.1,
+        warmup_steps: 4,
+        total_steps: 14,
+        kind: ScheduleKind::Cosine,
+    };
+    assert_eq!(s.lr(0), 0.25);
+    assert_eq!(s.lr(3), 1.0);
+    assert!((s.lr(4) - 1.0).abs() < 1e-12);
+    assert!((s.lr(9) - 0.55).abs() < 1e-12); // halfway: (1 + 0.1) / 2
+    assert!((s.lr(14) - 0.1).abs() < 1e-12);
+    assert!((s.lr(100) - 0.1).abs() < 1e-12);
+    let l = Schedule {
+        kind: ScheduleKind::Linear,
+        ..s
+    };
+    assert!((l.lr(9) - 0.55).abs() < 1e-12);
+    let c = Schedule {
+        kind: ScheduleKind::Constant,
+        ..s
+    };
+    assert_eq!(c.lr(13), 1.0);
+}
