@@ -138,6 +138,16 @@ pub fn tensor_from_f32<B: Backend, const D: usize>(
     )
 }
 
+/// The float dtypes we read (`None` for integer, bool, f64, fp8... tensors).
+fn float_dtype(dtype: StDtype) -> Option<DType> {
+    match dtype {
+        StDtype::F32 => Some(DType::F32),
+        StDtype::F16 => Some(DType::F16),
+        StDtype::BF16 => Some(DType::BF16),
+        _ => None,
+    }
+}
+
 /// One memory-mapped safetensors file with its parsed header.
 struct MappedFile {
     path: PathBuf,
@@ -296,12 +306,7 @@ impl Checkpoint {
         let f = &self.files[*self.index.get(name)?];
         let info = f.metadata.info(name)?;
         Some(TensorMeta {
-            dtype: match info.dtype {
-                StDtype::F32 => DType::F32,
-                StDtype::F16 => DType::F16,
-                StDtype::BF16 => DType::BF16,
-                _ => return None,
-            },
+            dtype: float_dtype(info.dtype)?,
             shape: info.shape.clone(),
             file: f.path.clone(),
         })
@@ -451,18 +456,11 @@ impl<B: Backend> WeightSource<B> for CheckpointSource<'_, B> {
             });
         }
         self.used.insert(name.to_string());
-        let file_dtype = match st_dtype {
-            StDtype::F32 => DType::F32,
-            StDtype::F16 => DType::F16,
-            StDtype::BF16 => DType::BF16,
-            other => {
-                return Err(CoreError::UnsupportedDtype {
-                    path: self.ckpt.file_of(name),
-                    name: name.to_string(),
-                    dtype: format!("{other:?}"),
-                });
-            }
-        };
+        let file_dtype = float_dtype(st_dtype).ok_or_else(|| CoreError::UnsupportedDtype {
+            path: self.ckpt.file_of(name),
+            name: name.to_string(),
+            dtype: format!("{st_dtype:?}"),
+        })?;
         let opts = TensorCreationOptions::new(self.device.clone()).with_dtype(self.dtype.burn());
         if file_dtype == self.dtype {
             // Same dtype: hand the bytes over as they are (bitwise round trip).

@@ -405,8 +405,10 @@ pub fn train<B: AutodiffBackend>(
         for _ in 0..cfg.grad_accum {
             let batch = stream.next_batch(cfg.batch_size);
             let (ids, mask) = pad_batch::<B>(&batch, device);
+            // Predicted tokens are known on the host (L - 1 per sequence): one device sync per
+            // micro-batch, for the loss value that the non-finite check needs.
+            let count: usize = batch.iter().map(|s| s.len().saturating_sub(1)).sum();
             let (s, n) = causal_lm_loss_sum(model.forward(ids.clone()), ids, mask);
-            let count: f64 = n.clone().into_scalar().elem_f64();
             let loss = s / n;
             let value: f64 = loss.clone().into_scalar().elem_f64();
             if !value.is_finite() {
@@ -417,7 +419,7 @@ pub fn train<B: AutodiffBackend>(
                 )));
             }
             loss_sum += value;
-            tokens += count as usize;
+            tokens += count;
             // The mean over micro-batches: each micro-batch's mean loss divided by their number.
             let grads = (loss / cfg.grad_accum as f64).backward();
             acc.accumulate(&model, GradientsParams::from_grads(grads, &model));

@@ -8,7 +8,7 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_llama-pro"))
 }
 
-fn run_ok(args: &[&str]) -> String {
+pub fn run_ok(args: &[&str]) -> String {
     let out = bin().args(args).output().unwrap();
     assert!(
         out.status.success(),
@@ -255,4 +255,18 @@ fn convert_round_trips_dtype() {
         back.to_str().unwrap(),
     ]);
     assert!(e.contains("exists and is not empty"), "{e}");
+}
+
+/// Loss of `model` on `data` through the CLI's `eval --json`.
+pub fn cli_eval_loss(model: &std::path::Path, data: &std::path::Path) -> f64 {
+    let out = run_ok(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    v["loss"].as_f64().unwrap()
 }

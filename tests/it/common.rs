@@ -149,3 +149,21 @@ pub fn copy_model(name: &str, tag: &str) -> PathBuf {
     }
     dst
 }
+
+/// `model` expanded interleaved with N = 2, P = 1 (4 → 6 layers, new 2 and 5) into a scratch dir.
+pub fn expanded_fixture(model: &str, tag: &str) -> PathBuf {
+    use llama_pro::core::expand::{ExpansionPlan, expand_checkpoint};
+    let out = tmpdir(tag).join("m");
+    let plan = ExpansionPlan::Interleaved {
+        groups: 2,
+        copies: 1,
+    };
+    expand_checkpoint(
+        &model_dir(model),
+        &out,
+        &plan,
+        &llama_pro::core::save::SaveOptions::default(),
+    )
+    .unwrap();
+    out
+}

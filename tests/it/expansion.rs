@@ -313,17 +313,7 @@ fn mean_loss<B: Backend>(model: &LlamaForCausalLM<B>, device: &B::Device) -> Ten
 #[test]
 fn first_step_gradients_match_transformers() {
     let device = Default::default();
-    let out = tmpdir("grads").join("m");
-    expand_checkpoint(
-        &model_dir("llama-mha-f32"),
-        &out,
-        &ExpansionPlan::Interleaved {
-            groups: 2,
-            copies: 1,
-        },
-        &SaveOptions::default(),
-    )
-    .unwrap();
+    let out = expanded_fixture("llama-mha-f32", "grads");
     let (model, map) = load_expanded::<Ad>(&out, &device);
     assert_eq!(map.new_layers(), vec![2, 5]);
     let (model, summary) =
@@ -376,17 +366,7 @@ fn first_step_gradients_match_transformers() {
 #[test]
 fn frozen_parameters_are_bitwise_unchanged_after_training() {
     let device = Default::default();
-    let out = tmpdir("frozen").join("m");
-    expand_checkpoint(
-        &model_dir("llama-gqa-tied-sharded-f32"),
-        &out,
-        &ExpansionPlan::Interleaved {
-            groups: 2,
-            copies: 1,
-        },
-        &SaveOptions::default(),
-    )
-    .unwrap();
+    let out = expanded_fixture("llama-gqa-tied-sharded-f32", "frozen");
     for spec in ["expanded", "expanded.mlp+norm", "interleaved[2]"] {
         let (model, map) = load_expanded::<Ad>(&out, &device);
         let (mut model, summary) =
@@ -439,17 +419,7 @@ fn frozen_parameters_are_bitwise_unchanged_after_training() {
 #[test]
 fn selections_express_llama_factory_knobs() {
     let device = Default::default();
-    let out = tmpdir("sel").join("m");
-    expand_checkpoint(
-        &model_dir("llama-mha-f32"),
-        &out,
-        &ExpansionPlan::Interleaved {
-            groups: 2,
-            copies: 1,
-        },
-        &SaveOptions::default(),
-    )
-    .unwrap();
+    let out = expanded_fixture("llama-mha-f32", "sel");
     let names = |spec: &str| -> Vec<String> {
         let (model, hf) = LlamaForCausalLM::<Cpu>::from_pretrained(&out, &device, None).unwrap();
         let map = LayerMap::from_config(&hf.raw, 6, &hf.path).unwrap();
@@ -516,17 +486,7 @@ fn selections_express_llama_factory_knobs() {
 #[test]
 fn per_group_learning_rates() {
     let device = Default::default();
-    let out = tmpdir("lr").join("m");
-    expand_checkpoint(
-        &model_dir("llama-mha-f32"),
-        &out,
-        &ExpansionPlan::Interleaved {
-            groups: 2,
-            copies: 1,
-        },
-        &SaveOptions::default(),
-    )
-    .unwrap();
+    let out = expanded_fixture("llama-mha-f32", "lr");
     let (model, map) = load_expanded::<Ad>(&out, &device);
     let (model, summary) = set_trainable(
         model,

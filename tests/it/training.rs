@@ -5,8 +5,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use burn::backend::Autodiff;
-use llama_pro::core::expand::{ExpansionPlan, expand_checkpoint};
-use llama_pro::core::save::SaveOptions;
 use llama_pro::core::weights::Checkpoint;
 use llama_pro::train::config::TrainConfig;
 use llama_pro::train::schedule::ScheduleKind;
@@ -17,18 +15,7 @@ use crate::common::*;
 type Ad = Autodiff<Cpu>;
 
 fn expanded(tag: &str) -> PathBuf {
-    let out = tmpdir(tag).join("expanded");
-    expand_checkpoint(
-        &model_dir("llama-mha-f32"),
-        &out,
-        &ExpansionPlan::Interleaved {
-            groups: 2,
-            copies: 1,
-        },
-        &SaveOptions::default(),
-    )
-    .unwrap();
-    out
+    expanded_fixture("llama-mha-f32", tag)
 }
 
 fn base_config(model: &Path, output: &Path) -> TrainConfig {
@@ -111,7 +98,8 @@ fn one_adamw_step_matches_torch() {
     );
     assert_eq!(compare_params(&out, &golden, 1e-6), 18);
     // The loss of the same batch after the step, from the exported model.
-    let out_eval = crate::cli_eval_loss(&out.join("model"), &fixtures().join("train/seqs.jsonl"));
+    let out_eval =
+        crate::cli::cli_eval_loss(&out.join("model"), &fixtures().join("train/seqs.jsonl"));
     let want = golden.f32("loss_after").0[0] as f64;
     println!("loss after one step: ours {out_eval:.7}, torch {want:.7}");
     assert!((out_eval - want).abs() < 1e-6);
