@@ -17,12 +17,13 @@ use llama_pro::core::LlamaConfig;
 use llama_pro::core::burn::backend::{Autodiff, Flex};
 use llama_pro::core::burn::module::AutodiffModule;
 use llama_pro::core::burn::optim::{AdamWConfig, GradientsParams, Optimizer};
-use llama_pro::core::burn::tensor::{Int, Tensor, TensorData};
+use llama_pro::core::burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use llama_pro::core::expand::{ExpansionPlan, expand_model};
 use llama_pro::core::freeze::{Selection, set_trainable};
 use llama_pro::core::model::{LlamaForCausalLM, causal_lm_loss_sum};
 
-type B = Autodiff<Flex>;
+use llama_pro::core::burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+use llama_pro::core::burn::tensor::backend::AutodiffBackend;
 
 fn config(case: &str) -> Result<(LlamaConfig, usize, usize)> {
     let mut c = LlamaConfig::tiny(4096);
@@ -77,8 +78,23 @@ fn main() -> Result<()> {
     let (case, mode) = (get("--case", "S"), get("--mode", "pro"));
     let steps: usize = get("--steps", "10").parse()?;
     let warmup: usize = get("--warmup", "3").parse()?;
-    let (cfg, batch, seq) = config(&case)?;
-    let device = Default::default();
+    // `--checkpointing 1`: burn's balanced activation checkpointing.
+    if get("--checkpointing", "0") == "1" {
+        bench::<Autodiff<Flex, BalancedCheckpointing>>(&case, &mode, steps, warmup, true)
+    } else {
+        bench::<Autodiff<Flex>>(&case, &mode, steps, warmup, false)
+    }
+}
+
+fn bench<B: AutodiffBackend>(
+    case: &str,
+    mode: &str,
+    steps: usize,
+    warmup: usize,
+    checkpointing: bool,
+) -> Result<()> {
+    let (cfg, batch, seq) = config(case)?;
+    let device: B::Device = Default::default();
     let base = cfg.init::<B>(&device, 0);
     let groups = cfg.num_hidden_layers / 4;
     let (model, map) = expand_model(
@@ -86,7 +102,7 @@ fn main() -> Result<()> {
         &ExpansionPlan::Interleaved { groups, copies: 1 },
         None,
     )?;
-    let selection = match mode.as_str() {
+    let selection = match mode {
         "full" | "forward" => "all",
         "pro" => "expanded",
         other => bail!("--mode {other}: expected full, pro or forward"),
@@ -114,13 +130,13 @@ fn main() -> Result<()> {
                 ids.clone().inner(),
                 mask.clone().inner(),
             );
-            loss_last = (s / c).into_scalar();
+            loss_last = (s / c).into_scalar().elem::<f32>();
         } else {
             let (s, c) = causal_lm_loss_sum(model.forward(ids.clone()), ids.clone(), mask.clone());
             let loss = s / c;
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             model = optim.step(1e-4, model, grads);
-            loss_last = loss.into_scalar();
+            loss_last = loss.into_scalar().elem::<f32>();
         }
         if i == 0 {
             loss_first = loss_last;
@@ -139,6 +155,7 @@ fn main() -> Result<()> {
             "tokens_per_step": batch * seq, "median_step_s": median, "tokens_per_s": (batch * seq) as f64 / median,
             "peak_rss_mb": peak_rss_kb() as f64 / 1024.0, "loss_first": loss_first, "loss_last": loss_last,
             "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            "checkpointing": checkpointing,
         })
     );
     Ok(())

@@ -388,7 +388,29 @@ def training_fixtures():
     save_file({k: v.contiguous() for k, v in out.items()}, str(FIX / "golden" / "train-clip-accum.safetensors"))
 
 
+DEMO_TOKENIZER_CASES = [
+    "In the beginning God created the heaven and the earth.",
+    "And the LORD spake unto Moses, saying,",
+    "def read(path, mode='r'):\n    with open(path, mode) as f:\n        return f.read()\n",
+    "class Queue(object):\n    \"\"\"A FIFO queue.\"\"\"\n\n    def __init__(self, maxsize=0):\n        self.maxsize = maxsize\n",
+    "x = {'a': [1, 2, 3], \"b\": (4.5e-3, None)}  # comment\n\tif x: pass",
+    "Unicode — naïve café ✓ 日本",
+]
+
+
+def demo_tokenizer_golden():
+    """ids of the shipped demo tokenizer (data/base) as transformers' AutoTokenizer gives them."""
+    tok = AutoTokenizer.from_pretrained(ROOT / "data" / "base")
+    cases = [{"text": t, "ids": tok(t)["input_ids"]} for t in DEMO_TOKENIZER_CASES]
+    (FIX / "golden" / "demo-tokenizer.json").write_text(
+        json.dumps({"made_by": "python scripts/make_fixtures.py demo-tokenizer", "cases": cases},
+                   indent=1, ensure_ascii=False))
+
+
 def main():
+    if sys.argv[1:] == ["demo-tokenizer"]:
+        demo_tokenizer_golden()
+        return 0
     torch.use_deterministic_algorithms(True)
     FIX.mkdir(parents=True, exist_ok=True)
     make_tokenizer(FIX / "tokenizer")
@@ -413,6 +435,7 @@ def main():
                                               sliding_window=6, tie_word_embeddings=False), seed=5)
     expansion_fixtures()
     training_fixtures()
+    demo_tokenizer_golden()
     (FIX / "VERSIONS.txt").write_text(
         f"torch {torch.__version__}\ntransformers {transformers.__version__}\n"
         "made by: python scripts/make_fixtures.py\n"

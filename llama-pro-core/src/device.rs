@@ -107,18 +107,44 @@ pub fn dispatch<T: OnBackend>(spec: DeviceSpec, task: T) -> Result<T::Output> {
 
 /// Run `task` on the autodiff version of the backend named by `spec`.
 pub fn dispatch_autodiff<T: OnAutodiffBackend>(spec: DeviceSpec, task: T) -> Result<T::Output> {
+    dispatch_autodiff_with(spec, false, task)
+}
+
+/// [`dispatch_autodiff`] with a choice of activation checkpointing: with `checkpointing`, burn's
+/// `BalancedCheckpointing` strategy keeps the outputs of compute-bound ops (matmuls) for the
+/// backward pass and recomputes the memory-bound ones (norms, activations, elementwise products,
+/// RoPE) from them, trading some compute for activation memory. The gradients are the same.
+pub fn dispatch_autodiff_with<T: OnAutodiffBackend>(
+    spec: DeviceSpec,
+    checkpointing: bool,
+    task: T,
+) -> Result<T::Output> {
     use burn::backend::Autodiff;
-    match spec {
+    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing as Ck;
+    match (spec, checkpointing) {
         #[cfg(feature = "cpu")]
-        DeviceSpec::Cpu => Ok(task.run::<Autodiff<burn::backend::Flex>>(Default::default())),
+        (DeviceSpec::Cpu, false) => {
+            Ok(task.run::<Autodiff<burn::backend::Flex>>(Default::default()))
+        }
+        #[cfg(feature = "cpu")]
+        (DeviceSpec::Cpu, true) => {
+            Ok(task.run::<Autodiff<burn::backend::Flex, Ck>>(Default::default()))
+        }
         #[cfg(feature = "wgpu")]
-        DeviceSpec::Wgpu(i) => Ok(task.run::<Autodiff<WgpuBackend>>(wgpu_device(i))),
+        (DeviceSpec::Wgpu(i), false) => Ok(task.run::<Autodiff<WgpuBackend>>(wgpu_device(i))),
+        #[cfg(feature = "wgpu")]
+        (DeviceSpec::Wgpu(i), true) => Ok(task.run::<Autodiff<WgpuBackend, Ck>>(wgpu_device(i))),
         #[cfg(feature = "cuda")]
-        DeviceSpec::Cuda(i) => {
+        (DeviceSpec::Cuda(i), false) => {
             Ok(task.run::<Autodiff<burn::backend::Cuda>>(burn::backend::cuda::CudaDevice::new(i)))
         }
+        #[cfg(feature = "cuda")]
+        (DeviceSpec::Cuda(i), true) => {
+            Ok(task
+                .run::<Autodiff<burn::backend::Cuda, Ck>>(burn::backend::cuda::CudaDevice::new(i)))
+        }
         #[allow(unreachable_patterns)]
-        other => Err(not_built(feature_of(other))),
+        (other, _) => Err(not_built(feature_of(other))),
     }
 }
 

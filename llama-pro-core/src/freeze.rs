@@ -12,6 +12,7 @@
 //! | `interleaved[N]` | N blocks spread like LLaMA-Factory's `freeze_trainable_layers` with `use_llama_pro` (stride L/N, the last of each group) |
 //! | `all` | every parameter |
 //! | `embed_tokens`, `lm_head`, `norm` | the embeddings, the output head, the final norm |
+//! | `lora` | the LoRA adapters (`*.lora_a`, `*.lora_b`), when attached |
 //! | `/regex/` | parameters whose HF name matches |
 //!
 //! A block term can be narrowed to a sub-module: `expanded.attn`, `expanded.mlp`,
@@ -58,6 +59,7 @@ enum Term {
     EmbedTokens,
     LmHead,
     Norm,
+    Lora,
     Regex(Regex),
 }
 
@@ -271,11 +273,12 @@ fn parse_term(spec: &str, w: &str) -> Result<Term> {
         "embed_tokens" | "embeddings" => Term::EmbedTokens,
         "lm_head" => Term::LmHead,
         "norm" => Term::Norm,
+        "lora" => Term::Lora,
         other => {
             return Err(err(
                 spec,
                 format!(
-                    "unknown term {other:?}: expected expanded, original, layers[..], interleaved[N], all, embed_tokens, lm_head, norm or /regex/"
+                    "unknown term {other:?}: expected expanded, original, layers[..], interleaved[N], all, embed_tokens, lm_head, norm, lora or /regex/"
                 ),
             ));
         }
@@ -289,6 +292,7 @@ fn term_matches(term: &Term, name: &str, ctx: &SelectContext<'_>) -> bool {
         Term::LmHead => name.starts_with("lm_head."),
         Term::Norm => name.starts_with("model.norm."),
         Term::Regex(re) => re.is_match(name),
+        Term::Lora => is_lora(name),
         Term::Blocks(b, part) => {
             let Some((i, rest)) = layer_of(name) else {
                 return false;
@@ -377,7 +381,15 @@ impl std::fmt::Display for TrainableSummary {
     }
 }
 
+/// A LoRA adapter parameter (see [`crate::linear::Linear::with_lora`]).
+pub fn is_lora(name: &str) -> bool {
+    name.ends_with(".lora_a") || name.ends_with(".lora_b")
+}
+
 fn group_of(name: &str, map: &LayerMap) -> &'static str {
+    if is_lora(name) {
+        return "lora adapters";
+    }
     match layer_of(name) {
         Some((i, _)) if map.layers.get(i).is_some_and(|o| o.new) => "expanded blocks",
         Some(_) => "original blocks",
@@ -417,6 +429,7 @@ impl TrainableSummary {
             "expanded blocks",
             "norm",
             "lm_head",
+            "lora adapters",
             "other",
         ];
         self.groups
@@ -505,6 +518,7 @@ pub fn set_trainable<B: Backend>(
         "expanded blocks",
         "norm",
         "lm_head",
+        "lora adapters",
         "other",
     ];
     summary

@@ -22,14 +22,56 @@ pub struct LinearConfig {
     pub bias: bool,
 }
 
-/// `y = x Wᵀ + b`.
+/// `y = x Wᵀ + b`, plus `s · (x Aᵀ) Bᵀ` when a LoRA adapter is attached.
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
     /// Weight, `[d_output, d_input]` (HF layout).
     pub weight: Param<Tensor<B, 2>>,
     /// Optional bias, `[d_output]`.
     pub bias: Option<Param<Tensor<B, 1>>>,
+    /// LoRA down-projection A, `[rank, d_input]` (PEFT's `lora_A.weight`).
+    pub lora_a: Option<Param<Tensor<B, 2>>>,
+    /// LoRA up-projection B, `[d_output, rank]` (PEFT's `lora_B.weight`; zero at attach time).
+    pub lora_b: Option<Param<Tensor<B, 2>>>,
+    /// LoRA scale `alpha / rank`.
+    #[module(skip)]
+    pub lora_scale: f64,
 }
+
+/// Low-rank adapters (Hu et al., 2021) as PEFT's defaults: A ~ U(-1/√d_in, 1/√d_in) (PEFT's
+/// kaiming-uniform with a = √5), B = 0, so a freshly attached adapter changes nothing; scale
+/// `alpha / rank`. burn 0.21 has no LoRA, hence this.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoraConfig {
+    /// Rank r.
+    pub rank: usize,
+    /// Scale numerator: the update is `alpha / r · B A`.
+    pub alpha: f64,
+    /// Linear layers (by HF name: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)
+    /// that get an adapter.
+    pub targets: Vec<String>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            rank: 8,
+            alpha: 16.0,
+            targets: LORA_TARGETS.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+}
+
+/// Every linear layer of a LLaMA block.
+pub const LORA_TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
 
 impl LinearConfig {
     /// A linear layer `d_input → d_output`.
@@ -64,7 +106,26 @@ impl LinearConfig {
         } else {
             None
         };
-        Ok(Linear { weight, bias })
+        Ok(Linear {
+            weight,
+            bias,
+            lora_a: None,
+            lora_b: None,
+            lora_scale: 0.0,
+        })
+    }
+}
+
+/// `t` in `dtype` (no-op when it already is): mixed precision casts f32 master weights to the
+/// activations' dtype here; the cast's backward casts the gradient back.
+fn as_dtype<B: Backend, const D: usize>(
+    t: Tensor<B, D>,
+    dtype: burn::tensor::DType,
+) -> Tensor<B, D> {
+    if t.dtype() == dtype {
+        t
+    } else {
+        t.cast(burn::tensor::FloatDType::from(dtype))
     }
 }
 
@@ -75,10 +136,61 @@ impl<B: Backend> Linear<B> {
     /// - input: `[..., d_input]`
     /// - output: `[..., d_output]`
     pub fn forward<const D: usize>(&self, input: Tensor<B, D>) -> Tensor<B, D> {
-        linear(
-            input,
-            self.weight.val().transpose(),
-            self.bias.as_ref().map(|b| b.val()),
-        )
+        let dtype = input.dtype();
+        let w = as_dtype(self.weight.val(), dtype);
+        let bias = self.bias.as_ref().map(|b| as_dtype(b.val(), dtype));
+        match (&self.lora_a, &self.lora_b) {
+            (Some(a), Some(b)) => {
+                let low = linear(input.clone(), as_dtype(a.val(), dtype).transpose(), None);
+                let up = linear(low, as_dtype(b.val(), dtype).transpose(), None)
+                    .mul_scalar(self.lora_scale);
+                linear(input, w.transpose(), bias) + up
+            }
+            _ => linear(input, w.transpose(), bias),
+        }
+    }
+
+    /// Attach a LoRA adapter of rank `rank` (A from `seed`, B = 0); the layer's output is unchanged
+    /// until B is trained.
+    pub fn with_lora(mut self, rank: usize, alpha: f64, seed: u64) -> Self {
+        let [d_out, d_in] = self.weight.shape().dims::<2>();
+        let device = self.weight.device();
+        let dtype = match self.weight.val().dtype() {
+            burn::tensor::DType::BF16 => crate::DType::BF16,
+            burn::tensor::DType::F16 => crate::DType::F16,
+            _ => crate::DType::F32,
+        };
+        let bound = 1.0 / (d_in as f64).sqrt();
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
+        let a: Vec<f32> = (0..rank * d_in)
+            .map(|_| rand::Rng::random_range(&mut rng, -bound..bound) as f32)
+            .collect();
+        let a = crate::weights::tensor_from_f32::<B, 2>(a, [rank, d_in], dtype, &device);
+        let b = crate::weights::tensor_from_f32::<B, 2>(
+            vec![0.0; d_out * rank],
+            [d_out, rank],
+            dtype,
+            &device,
+        );
+        self.lora_a = Some(Param::from_tensor(a));
+        self.lora_b = Some(Param::from_tensor(b));
+        self.lora_scale = alpha / rank as f64;
+        self
+    }
+
+    /// Fold the adapter into the weight (`W + s · B A`) and drop it: a plain linear layer that
+    /// computes the same function (up to rounding), e.g. for a HuggingFace export.
+    pub fn merge_lora(mut self) -> Self {
+        if let (Some(a), Some(b)) = (self.lora_a.take(), self.lora_b.take()) {
+            let f32 = burn::tensor::DType::F32;
+            let delta = as_dtype(b.val(), f32)
+                .matmul(as_dtype(a.val(), f32))
+                .mul_scalar(self.lora_scale);
+            let dtype = self.weight.val().dtype();
+            let w = as_dtype(as_dtype(self.weight.val(), f32) + delta, dtype);
+            self.weight = Param::from_tensor(w.detach()).set_require_grad(false);
+        }
+        self.lora_scale = 0.0;
+        self
     }
 }

@@ -40,6 +40,10 @@ pub struct LlamaForCausalLM<B: Backend> {
     /// The configuration the model was built from.
     #[module(skip)]
     pub config: LlamaConfig,
+    /// Dtype activations are computed in, when it differs from the weights' (mixed precision:
+    /// see [`LlamaForCausalLM::mixed_precision`]); `None`: the embedding's dtype.
+    #[module(skip)]
+    pub compute_dtype: Option<DType>,
 }
 
 /// Keys and values of every layer for incremental decoding.
@@ -107,6 +111,7 @@ impl LlamaConfig {
             },
             lm_head,
             config: self.clone(),
+            compute_dtype: None,
         })
     }
 
@@ -153,8 +158,128 @@ impl<B: Backend> LlamaForCausalLM<B> {
         Ok(model)
     }
 
-    /// Dtype of the weights (the dtype activations are computed in).
+    /// Attach LoRA adapters to the targeted linear layers of every block (see
+    /// [`LoraConfig`](crate::linear::LoraConfig)); the model's output is unchanged until they
+    /// train. Adapter parameters are named `<layer>.lora_a` / `<layer>.lora_b` (the selection
+    /// term `lora` picks them).
+    pub fn with_lora(mut self, cfg: &crate::linear::LoraConfig, seed: u64) -> Result<Self> {
+        use crate::linear::LORA_TARGETS;
+        if cfg.rank == 0 || !(cfg.alpha > 0.0) {
+            return Err(crate::CoreError::Invalid(format!(
+                "LoRA: rank must be >= 1 and alpha > 0 (got rank {}, alpha {})",
+                cfg.rank, cfg.alpha
+            )));
+        }
+        if let Some(t) = cfg
+            .targets
+            .iter()
+            .find(|t| !LORA_TARGETS.contains(&t.as_str()))
+        {
+            return Err(crate::CoreError::Invalid(format!(
+                "LoRA target {t:?}: expected some of {}",
+                LORA_TARGETS.join(", ")
+            )));
+        }
+        let on = |t: &str| cfg.targets.iter().any(|x| x == t);
+        let layers = std::mem::take(&mut self.model.layers);
+        self.model.layers = layers
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut l)| {
+                let s = |k: u64| seed ^ ((i as u64) << 8 | k).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                let wrap = |lin: crate::linear::Linear<B>, name: &str, k: u64| {
+                    if on(name) {
+                        lin.with_lora(cfg.rank, cfg.alpha, s(k))
+                    } else {
+                        lin
+                    }
+                };
+                let a = l.self_attn;
+                l.self_attn = crate::attention::Attention {
+                    q_proj: wrap(a.q_proj, "q_proj", 1),
+                    k_proj: wrap(a.k_proj, "k_proj", 2),
+                    v_proj: wrap(a.v_proj, "v_proj", 3),
+                    o_proj: wrap(a.o_proj, "o_proj", 4),
+                    ..a
+                };
+                let m = l.mlp;
+                l.mlp = crate::mlp::Mlp {
+                    gate_proj: wrap(m.gate_proj, "gate_proj", 5),
+                    up_proj: wrap(m.up_proj, "up_proj", 6),
+                    down_proj: wrap(m.down_proj, "down_proj", 7),
+                };
+                l
+            })
+            .collect();
+        Ok(self)
+    }
+
+    /// Fold every LoRA adapter into its weight (see [`crate::linear::Linear::merge_lora`]).
+    pub fn merge_lora(mut self) -> Self {
+        let layers = std::mem::take(&mut self.model.layers);
+        self.model.layers = layers
+            .into_iter()
+            .map(|mut l| {
+                let a = l.self_attn;
+                l.self_attn = crate::attention::Attention {
+                    q_proj: a.q_proj.merge_lora(),
+                    k_proj: a.k_proj.merge_lora(),
+                    v_proj: a.v_proj.merge_lora(),
+                    o_proj: a.o_proj.merge_lora(),
+                    ..a
+                };
+                let m = l.mlp;
+                l.mlp = crate::mlp::Mlp {
+                    gate_proj: m.gate_proj.merge_lora(),
+                    up_proj: m.up_proj.merge_lora(),
+                    down_proj: m.down_proj.merge_lora(),
+                };
+                l
+            })
+            .collect();
+        self
+    }
+
+    /// Mixed precision: compute in `compute` (bf16/f16) with the frozen parameters stored in it,
+    /// while the trainable ones (`require_grad`) keep their dtype (f32 master weights). Every
+    /// matmul casts its weight to the activations' dtype (a no-op for frozen weights), whose
+    /// backward casts the gradient back: the optimizer sees f32 gradients of f32 weights. RMSNorm
+    /// statistics and the loss's log-softmax stay in f32, as in transformers.
+    pub fn mixed_precision(self, compute: DType) -> Self {
+        // Rounded on the host with `half` (round-to-nearest-even, as torch's `.to(bfloat16)`):
+        // burn-flex 0.21's cast goes through f64 and `bf16::from_f64`, which rounds some ties
+        // the other way (1 ulp; seen on 1 of 20480 values of a fixture).
+        struct CastFrozen(DType);
+        impl<B: Backend> burn::module::ModuleMapper<B> for CastFrozen {
+            fn map_float<const D: usize>(
+                &mut self,
+                param: burn::module::Param<Tensor<B, D>>,
+            ) -> burn::module::Param<Tensor<B, D>> {
+                if param.is_require_grad() {
+                    return param;
+                }
+                let dtype = self.0;
+                param.map(|t| {
+                    let (dims, device) = (t.dims(), t.device());
+                    let values = t
+                        .into_data()
+                        .convert::<f32>()
+                        .into_vec::<f32>()
+                        .unwrap_or_default();
+                    crate::weights::tensor_from_f32::<B, D>(values, dims, dtype, &device)
+                })
+            }
+        }
+        let mut m = self.map(&mut CastFrozen(compute));
+        m.compute_dtype = Some(compute);
+        m
+    }
+
+    /// Dtype activations are computed in.
     pub fn dtype(&self) -> DType {
+        if let Some(d) = self.compute_dtype {
+            return d;
+        }
         match self.model.embed_tokens.weight.val().dtype() {
             burn::tensor::DType::BF16 => DType::BF16,
             burn::tensor::DType::F16 => DType::F16,
@@ -205,8 +330,12 @@ impl<B: Backend> LlamaForCausalLM<B> {
         let [_, s] = input_ids.dims();
         let device = input_ids.device();
         let start = cache.as_ref().map_or(0, |c| c.len);
+        let dtype = self.dtype();
         let mut x = self.model.embed_tokens.forward(input_ids);
-        let (cos, sin) = self.model.rope.tables::<B>(start, s, self.dtype(), &device);
+        if x.dtype() != dtype.burn() {
+            x = x.cast(burn::tensor::FloatDType::from(dtype.burn()));
+        }
+        let (cos, sin) = self.model.rope.tables::<B>(start, s, dtype, &device);
         let mut outs = Vec::new();
         for (i, layer) in self.model.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
@@ -225,11 +354,15 @@ impl<B: Backend> LlamaForCausalLM<B> {
     pub fn head(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
             Some(head) => head.forward(h),
-            None => burn::tensor::module::linear(
-                h,
-                self.model.embed_tokens.weight.val().transpose(),
-                None,
-            ),
+            None => {
+                let w = self.model.embed_tokens.weight.val();
+                let w = if w.dtype() == h.dtype() {
+                    w
+                } else {
+                    w.cast(burn::tensor::FloatDType::from(h.dtype()))
+                };
+                burn::tensor::module::linear(h, w.transpose(), None)
+            }
         }
     }
 

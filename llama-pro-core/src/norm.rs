@@ -61,8 +61,10 @@ impl<B: Backend> RmsNorm<B> {
         if w.dtype() == dtype {
             w.unsqueeze::<D>() * normed
         } else {
-            // Mixed dtypes promote to f32, as torch's `weight * x` does.
-            w.cast(FloatDType::F32).unsqueeze::<D>() * normed.cast(FloatDType::F32)
+            // Mixed precision (an f32 master weight, bf16/f16 activations): multiply in f32 and
+            // return the activations' dtype, as autocast would.
+            (w.cast(FloatDType::F32).unsqueeze::<D>() * normed.cast(FloatDType::F32))
+                .cast(FloatDType::from(dtype))
         }
     }
 }

@@ -45,6 +45,62 @@ pub enum Command {
     /// Continued pretraining: train the expanded blocks (or another parameter selection) on a
     /// corpus, with evaluation, checkpoints and exact resume; exports a HuggingFace directory.
     Train(Box<TrainArgs>),
+    /// The paper's claim at toy scale on the shipped data: a small pretrained model learns a new
+    /// domain by LLaMA Pro block expansion, full fine-tuning, LoRA, prefix and suffix stacking
+    /// with the same token budget; prints the table, writes a plot and a JSON report.
+    Demo(DemoArgs),
+    /// Train a byte-level BPE tokenizer on text files and write tokenizer.json and
+    /// tokenizer_config.json (HuggingFace format) into a directory.
+    TrainTokenizer(TrainTokenizerArgs),
+}
+
+/// `llama-pro demo`
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// The CI-sized run (about 2 minutes on 2 CPU cores) instead of the default (about 10).
+    #[arg(long)]
+    pub quick: bool,
+    /// Directory with base/ and {general,domain}-{train,valid}.jsonl (default: the repository's data/).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Output directory: runs/, models/, forgetting.png, demo.json.
+    #[arg(long, default_value = "demo-output")]
+    pub output: PathBuf,
+    /// Methods to compare, comma-separated (default: all five).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub methods: Vec<crate::demo::DemoMethod>,
+    /// Optimizer steps per method (default 150; --quick 30).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Peak learning rate of every method (default 1e-3).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Fail if LLaMA Pro's general loss rises by more than this many percent (default 5).
+    #[arg(long)]
+    pub max_general_change: Option<f64>,
+    /// Seed of the data order and adapter init.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// cpu, wgpu[:N] or cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// `llama-pro train-tokenizer`
+#[derive(Args, Debug)]
+pub struct TrainTokenizerArgs {
+    /// Text files: .txt (one document per line) or .jsonl ({"text": ...} per line).
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// Output directory (created if needed).
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Vocabulary size, special tokens <s> and </s> included.
+    #[arg(long, default_value_t = 4096)]
+    pub vocab_size: usize,
+    /// Minimum count of a pair to be merged.
+    #[arg(long, default_value_t = 2)]
+    pub min_frequency: u64,
 }
 
 /// `llama-pro train`. Every flag overrides the same key of `--config`; defaults are the paper's
@@ -63,10 +119,25 @@ pub struct TrainArgs {
     /// Output directory: checkpoints/, metrics.jsonl, report.json, model/.
     #[arg(long)]
     pub output: Option<PathBuf>,
-    /// pro: only the expanded blocks (default); full: everything; freeze-originals: N original
+    /// pro: only the expanded blocks (default); full: everything; lora: low-rank adapters on
+    /// every block's linear layers (merged at export); freeze-originals: N original
     /// interleaved blocks, no expansion (the paper's baseline).
     #[arg(long, value_enum)]
     pub method: Option<crate::config::Method>,
+    /// Initialise the weights randomly from the model directory's config.json (seeded by --seed)
+    /// instead of loading them: pretraining from scratch (the model directory then needs only
+    /// config.json and the tokenizer files).
+    #[arg(long)]
+    pub random_init: bool,
+    /// LoRA rank for --method lora (default 8).
+    #[arg(long)]
+    pub lora_rank: Option<usize>,
+    /// LoRA alpha: updates are scaled by alpha / rank (default 16).
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Linear layers with LoRA adapters, comma-separated (default: all seven of a block).
+    #[arg(long, value_delimiter = ',')]
+    pub lora_targets: Vec<String>,
     /// Parameter selection overriding --method, e.g. `expanded+embed_tokens`, `expanded.mlp`.
     #[arg(long)]
     pub trainable: Option<String>,
@@ -121,12 +192,19 @@ pub struct TrainArgs {
     /// Clip the global gradient norm (paper: 1.0; 0 = off).
     #[arg(long)]
     pub clip_grad_norm: Option<f64>,
-    /// Compute dtype (f32; mixed precision is not implemented yet).
+    /// f32 (default), or bf16/f16 mixed precision: frozen weights and activations in that dtype,
+    /// trainable weights and optimizer state in f32 (master weights); the export is in that dtype.
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Recompute memory-bound activations in the backward pass (less memory, more compute).
+    #[arg(long)]
+    pub activation_checkpointing: bool,
     /// Evaluation set, repeatable: NAME=FILE (default: a held-out 2% of the training data).
     #[arg(long)]
     pub eval: Vec<String>,
+    /// Evaluate on at most N windows of each --eval set (evenly spaced; default: all).
+    #[arg(long)]
+    pub eval_max_sequences: Option<usize>,
     /// Evaluate every N steps (0: before and after only).
     #[arg(long)]
     pub eval_every: Option<usize>,
@@ -148,6 +226,10 @@ pub struct TrainArgs {
     /// cpu, wgpu[:N] or cuda[:N].
     #[arg(long)]
     pub device: Option<String>,
+    /// Peak TFLOP/s of the device for the printed MFU (default: estimated on the CPU from
+    /// /proc/cpuinfo; give it for GPUs, e.g. 989 for an H100 SXM in bf16).
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
 }
 
 impl TrainArgs {
@@ -183,10 +265,27 @@ impl TrainArgs {
             batch_size,
             grad_accum,
             seq_len,
-            epochs
+            epochs,
+            lora_rank,
+            lora_alpha
         );
+        if !self.lora_targets.is_empty() {
+            c.lora_targets = self.lora_targets.clone();
+        }
+        if self.random_init {
+            c.random_init = true;
+        }
+        if self.activation_checkpointing {
+            c.activation_checkpointing = true;
+        }
         if self.trainable.is_some() {
             c.trainable = self.trainable.clone();
+        }
+        if self.peak_tflops.is_some() {
+            c.peak_tflops = self.peak_tflops;
+        }
+        if self.eval_max_sequences.is_some() {
+            c.eval_max_sequences = self.eval_max_sequences;
         }
         if self.max_steps.is_some() {
             c.max_steps = self.max_steps;
@@ -413,6 +512,25 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Convert(a) => convert(&a),
         Command::Expand(a) => expand(&a),
         Command::Train(a) => train_cmd(&a),
+        Command::Demo(a) => demo_cmd(&a),
+        Command::TrainTokenizer(a) => {
+            let start = std::time::Instant::now();
+            let file = crate::tokenizer_train::train_tokenizer(
+                &a.files,
+                &crate::tokenizer_train::TokenizerTrainConfig {
+                    vocab_size: a.vocab_size,
+                    min_frequency: a.min_frequency,
+                },
+                &a.output,
+            )?;
+            println!(
+                "tokenizer ({} tokens) written to {} in {:.1}s",
+                a.vocab_size,
+                file.display(),
+                start.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
     }
 }
 
@@ -709,8 +827,52 @@ fn convert(a: &ConvertArgs) -> Result<()> {
     Ok(())
 }
 
+fn demo_cmd(a: &DemoArgs) -> Result<()> {
+    use crate::demo::{DemoConfig, demo_table, run_demo};
+    let mut c = if a.quick {
+        DemoConfig::quick()
+    } else {
+        DemoConfig::default()
+    };
+    if let Some(d) = &a.data_dir {
+        c.data_dir = d.clone();
+    }
+    c.output = a.output.clone();
+    if !a.methods.is_empty() {
+        c.methods = a.methods.clone();
+    }
+    if let Some(s) = a.steps {
+        c.steps = s;
+    }
+    if let Some(lr) = a.lr {
+        c.lr = lr;
+    }
+    if let Some(g) = a.max_general_change {
+        c.max_general_change_pct = g;
+    }
+    c.seed = a.seed;
+    c.device = a.device.clone();
+    let start = std::time::Instant::now();
+    let r = run_demo(&c, false)?;
+    println!("\n{}", demo_table(&r));
+    for v in &r.verdict {
+        println!("{v}");
+    }
+    println!(
+        "\nplot: {}\nreport: {}\n({:.0} s in all)",
+        c.output.join("forgetting.png").display(),
+        c.output.join("demo.json").display(),
+        start.elapsed().as_secs_f64()
+    );
+    if !r.passed {
+        return Err(TrainError::Invalid(
+            "the demo's LLaMA Pro checks failed (see above)".into(),
+        ));
+    }
+    Ok(())
+}
+
 fn train_cmd(a: &TrainArgs) -> Result<()> {
-    use llama_pro_core::device::dispatch_autodiff;
     let cfg = a.resolve()?;
     cfg.validate()?;
     let device: DeviceSpec = cfg.device.parse()?;
@@ -737,7 +899,11 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
             "\ninterrupt: finishing the current step and writing a checkpoint (Ctrl-C again to quit now)"
         );
     });
-    let report = dispatch_autodiff(device, TrainTask { cfg: &cfg, stop })??;
+    let report = llama_pro_core::device::dispatch_autodiff_with(
+        device,
+        cfg.activation_checkpointing,
+        TrainTask { cfg: &cfg, stop },
+    )??;
     if report.interrupted {
         eprintln!(
             "stopped after step {}; continue with: llama-pro train --config {} --resume",
@@ -757,6 +923,21 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
             .map(|d| format!("; model: {}", d.display()))
             .unwrap_or_default()
     );
+    let achieved = report.tokens_per_sec * report.flops_per_token;
+    match (&report.peak_flops, report.mfu) {
+        (Some((peak, source)), Some(mfu)) => println!(
+            "model FLOPs: {:.1} M/token, {:.2} GFLOP/s achieved; MFU {:.1}% of {:.1} GFLOP/s peak (estimated: {source})",
+            report.flops_per_token / 1e6,
+            achieved / 1e9,
+            100.0 * mfu,
+            peak / 1e9
+        ),
+        _ => println!(
+            "model FLOPs: {:.1} M/token, {:.2} GFLOP/s achieved (give --peak-tflops for the MFU)",
+            report.flops_per_token / 1e6,
+            achieved / 1e9
+        ),
+    }
     Ok(())
 }
 
@@ -854,9 +1035,9 @@ fn expand(a: &ExpandArgs) -> Result<()> {
 }
 
 /// Compares the logits of two models on a fixed random batch; returns max |Δ| (0 = bitwise equal).
-struct IdentityCheck<'a> {
-    base: &'a Path,
-    expanded: &'a Path,
+pub(crate) struct IdentityCheck<'a> {
+    pub(crate) base: &'a Path,
+    pub(crate) expanded: &'a Path,
 }
 
 impl OnBackend for IdentityCheck<'_> {

@@ -20,6 +20,9 @@ pub enum Method {
     Pro,
     /// Every parameter.
     Full,
+    /// Low-rank adapters on the linear layers of every block (`lora_rank`, `lora_alpha`,
+    /// `lora_targets`), merged into the weights at export.
+    Lora,
     /// No expansion: train N original interleaved blocks (`interleaved[L/4]` unless `--trainable`).
     FreezeOriginals,
 }
@@ -30,6 +33,7 @@ impl Method {
         Ok(match self {
             Self::Pro => "expanded".into(),
             Self::Full => "all".into(),
+            Self::Lora => "lora".into(),
             Self::FreezeOriginals => {
                 if num_layers % 4 != 0 {
                     return Err(TrainError::Invalid(format!(
@@ -54,6 +58,15 @@ pub struct TrainConfig {
     pub output: PathBuf,
     /// Which parameters train (preset).
     pub method: Method,
+    /// Start from a random initialisation of the model directory's `config.json` (normal(0,
+    /// `initializer_range`), seeded by `seed`) instead of its weights: pretraining from scratch.
+    pub random_init: bool,
+    /// LoRA rank (`--method lora`).
+    pub lora_rank: usize,
+    /// LoRA alpha: the update is scaled by alpha / rank.
+    pub lora_alpha: f64,
+    /// Linear layers that get adapters (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj).
+    pub lora_targets: Vec<String>,
     /// Explicit parameter selection, overriding the method's (see `llama-pro inspect --trainable`).
     pub trainable: Option<String>,
     /// Learning-rate multipliers for parameter groups, `SELECTION=FACTOR` (e.g. `embed_tokens=0.1`).
@@ -90,10 +103,16 @@ pub struct TrainConfig {
     pub adam_eps: f64,
     /// Clip the global gradient norm to this value (0 = off), as `torch.nn.utils.clip_grad_norm_`.
     pub clip_grad_norm: f64,
-    /// Compute dtype (`f32`; bf16/f16 mixed precision is not implemented yet).
+    /// Compute dtype: `f32`, or `bf16`/`f16` mixed precision (frozen weights and activations in
+    /// that dtype, trainable weights and optimizer state in f32).
     pub dtype: String,
+    /// Recompute memory-bound activations (norms, SwiGLU, RoPE) in the backward pass instead of
+    /// storing them (burn's balanced checkpointing): less memory, some more compute.
+    pub activation_checkpointing: bool,
     /// Evaluation sets, `NAME=FILE`.
     pub eval: Vec<String>,
+    /// Evaluate on at most this many windows per set (evenly spaced through the file).
+    pub eval_max_sequences: Option<usize>,
     /// Evaluate every N optimizer steps (0 = only before and after).
     pub eval_every: usize,
     /// Fraction of the training windows held out as `val` when no `eval` set is given.
@@ -110,6 +129,9 @@ pub struct TrainConfig {
     pub seed: u64,
     /// `cpu`, `wgpu[:N]` or `cuda[:N]`.
     pub device: String,
+    /// Peak TFLOP/s of the device for the MFU estimate (default: estimated from /proc/cpuinfo on
+    /// the CPU; none on GPUs, e.g. 989 for an H100 SXM in bf16 dense).
+    pub peak_tflops: Option<f64>,
 }
 
 impl Default for TrainConfig {
@@ -119,6 +141,13 @@ impl Default for TrainConfig {
             data: vec![],
             output: PathBuf::new(),
             method: Method::Pro,
+            random_init: false,
+            lora_rank: 8,
+            lora_alpha: 16.0,
+            lora_targets: llama_pro_core::linear::LORA_TARGETS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             trainable: None,
             lr_scale: vec![],
             max_steps: None,
@@ -138,7 +167,9 @@ impl Default for TrainConfig {
             adam_eps: 1e-8,
             clip_grad_norm: 1.0,
             dtype: "f32".into(),
+            activation_checkpointing: false,
             eval: vec![],
+            eval_max_sequences: None,
             eval_every: 0,
             val_fraction: 0.02,
             save_every: 0,
@@ -147,6 +178,7 @@ impl Default for TrainConfig {
             log_every: 10,
             seed: 0,
             device: "cpu".into(),
+            peak_tflops: None,
         }
     }
 }
@@ -204,9 +236,9 @@ impl TrainConfig {
         if self.max_steps == Some(0) || (self.max_steps.is_none() && !(self.epochs > 0.0)) {
             return bad("--max-steps must be >= 1 (or --epochs > 0)".into());
         }
-        if self.dtype != "f32" {
+        if !matches!(self.dtype.as_str(), "f32" | "bf16" | "f16") {
             return bad(format!(
-                "--dtype {}: mixed-precision training (bf16/f16 frozen weights with f32 master weights) is not implemented yet; use --dtype f32",
+                "--dtype {:?}: expected f32, bf16 or f16",
                 self.dtype
             ));
         }

@@ -11,16 +11,16 @@ use llama_pro_core::Tokenizer;
 
 use crate::error::{Result, TrainError};
 
-/// Read one sequence per line, truncated to `max_len` tokens.
-///
-/// Errors name the file and line: invalid JSON, neither `text` nor `input_ids`, a token id
-/// `>= vocab_size`, non-UTF-8 text, an empty file.
-pub fn read_sequences(
-    path: &Path,
-    tokenizer: Option<&Tokenizer>,
-    vocab_size: usize,
-    max_len: usize,
-) -> Result<Vec<Vec<u32>>> {
+/// One document of a data file, as written.
+enum RawDoc {
+    /// Text to tokenize.
+    Text(String),
+    /// Token ids used as given.
+    Ids(Vec<u32>),
+}
+
+/// Parse a `.txt`/`.jsonl` file into (line number, document), with errors naming the file and line.
+fn read_raw(path: &Path) -> Result<Vec<(usize, RawDoc)>> {
     let bytes = std::fs::read(path).map_err(|source| TrainError::Io {
         path: path.to_path_buf(),
         source,
@@ -46,27 +46,23 @@ pub fn read_sequences(
             ));
         }
     };
-    let need_tok = |line: usize| -> Result<&Tokenizer> {
-        tokenizer.ok_or_else(|| {
-            err(
-                line,
-                "text needs a tokenizer, but the model directory has no tokenizer.json".into(),
-            )
-        })
-    };
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let n = i + 1;
         if line.trim().is_empty() {
             continue;
         }
-        let mut ids: Vec<u32> = if jsonl {
-            let v: serde_json::Value =
-                serde_json::from_str(line).map_err(|e| err(n, format!("invalid JSON: {e}")))?;
-            if let Some(ids) = v.get("input_ids") {
-                let arr = ids
-                    .as_array()
-                    .ok_or_else(|| err(n, "`input_ids` must be a list of token ids".into()))?;
+        if !jsonl {
+            out.push((n, RawDoc::Text(line.to_string())));
+            continue;
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| err(n, format!("invalid JSON: {e}")))?;
+        let doc = if let Some(ids) = v.get("input_ids") {
+            let arr = ids
+                .as_array()
+                .ok_or_else(|| err(n, "`input_ids` must be a list of token ids".into()))?;
+            RawDoc::Ids(
                 arr.iter()
                     .map(|x| {
                         x.as_u64()
@@ -81,20 +77,72 @@ pub fn read_sequences(
                                 )
                             })
                     })
-                    .collect::<Result<_>>()?
-            } else if let Some(t) = v.get("text") {
-                let t = t
-                    .as_str()
-                    .ok_or_else(|| err(n, "`text` must be a string".into()))?;
-                need_tok(n)?.encode(t, true)?
-            } else {
-                return Err(err(
-                    n,
-                    "expected an object with \"text\" or \"input_ids\"".into(),
-                ));
-            }
+                    .collect::<Result<_>>()?,
+            )
+        } else if let Some(t) = v.get("text") {
+            RawDoc::Text(
+                t.as_str()
+                    .ok_or_else(|| err(n, "`text` must be a string".into()))?
+                    .to_string(),
+            )
         } else {
-            need_tok(n)?.encode(line, true)?
+            return Err(err(
+                n,
+                "expected an object with \"text\" or \"input_ids\"".into(),
+            ));
+        };
+        out.push((n, doc));
+    }
+    if out.is_empty() {
+        return Err(err(0, "no sequences: the file is empty".into()));
+    }
+    Ok(out)
+}
+
+/// The text documents of a `.txt` (one per line) or `.jsonl` (`{"text": ...}`) file, untokenized
+/// (for training a tokenizer). Pre-tokenized lines are an error.
+pub fn read_texts(path: &Path) -> Result<Vec<String>> {
+    read_raw(path)?
+        .into_iter()
+        .map(|(n, d)| match d {
+            RawDoc::Text(t) => Ok(t),
+            RawDoc::Ids(_) => Err(TrainError::Data {
+                path: path.to_path_buf(),
+                line: n,
+                message: "expected text, found pre-tokenized `input_ids`".into(),
+            }),
+        })
+        .collect()
+}
+
+/// Read one sequence per line, truncated to `max_len` tokens.
+///
+/// Errors name the file and line: invalid JSON, neither `text` nor `input_ids`, a token id
+/// `>= vocab_size`, non-UTF-8 text, an empty file.
+pub fn read_sequences(
+    path: &Path,
+    tokenizer: Option<&Tokenizer>,
+    vocab_size: usize,
+    max_len: usize,
+) -> Result<Vec<Vec<u32>>> {
+    let err = |line: usize, message: String| TrainError::Data {
+        path: path.to_path_buf(),
+        line,
+        message,
+    };
+    let mut out = Vec::new();
+    for (n, doc) in read_raw(path)? {
+        let mut ids = match doc {
+            RawDoc::Ids(ids) => ids,
+            RawDoc::Text(t) => tokenizer
+                .ok_or_else(|| {
+                    err(
+                        n,
+                        "text needs a tokenizer, but the model directory has no tokenizer.json"
+                            .into(),
+                    )
+                })?
+                .encode(&t, true)?,
         };
         if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab_size) {
             return Err(err(
@@ -104,9 +152,6 @@ pub fn read_sequences(
         }
         ids.truncate(max_len);
         out.push(ids);
-    }
-    if out.is_empty() {
-        return Err(err(0, "no sequences: the file is empty".into()));
     }
     Ok(out)
 }

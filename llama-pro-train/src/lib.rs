@@ -10,9 +10,13 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod dataset;
+pub mod demo;
 pub mod error;
 pub mod eval;
+pub mod flops;
+pub mod plot;
 pub mod schedule;
+pub mod tokenizer_train;
 pub mod trainer;
 
 pub use error::{Result, TrainError};

@@ -86,6 +86,9 @@ pub struct TrainReport {
     pub eval_before: BTreeMap<String, EvalResult>,
     /// Evaluation after training, per set (empty if interrupted).
     pub eval_after: BTreeMap<String, EvalResult>,
+    /// Every evaluation of this process, in order: before training (step 0, unless resumed),
+    /// every `eval_every` steps, and after training.
+    pub evals: Vec<EvalPoint>,
     /// The exported HuggingFace directory (None if interrupted).
     pub model_dir: Option<PathBuf>,
     /// True when stopped by the user before the last step.
@@ -96,6 +99,30 @@ pub struct TrainReport {
     pub total_params: usize,
     /// Mean training tokens per second.
     pub tokens_per_sec: f64,
+    /// Model FLOPs per trained token (see [`crate::flops::train_flops_per_token`]).
+    pub flops_per_token: f64,
+    /// Model FLOPs utilisation against `peak_flops`, when the peak is known.
+    pub mfu: Option<f64>,
+    /// Peak FLOP/s used for the MFU, and where it came from.
+    pub peak_flops: Option<(f64, String)>,
+}
+
+/// The evaluation losses at one step.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EvalPoint {
+    /// Optimizer steps done when evaluated.
+    pub step: usize,
+    /// Loss per evaluation set.
+    pub loss: BTreeMap<String, f64>,
+}
+
+impl EvalPoint {
+    fn new(step: usize, r: &BTreeMap<String, EvalResult>) -> Self {
+        Self {
+            step,
+            loss: r.iter().map(|(k, v)| (k.clone(), v.loss)).collect(),
+        }
+    }
 }
 
 /// State saved next to the weights in a checkpoint.
@@ -134,7 +161,30 @@ pub fn train<B: AutodiffBackend>(
         }
     };
     let model_dir = crate::data::existing(&cfg.model)?;
-    let (model, hf) = LlamaForCausalLM::<B>::from_pretrained(&model_dir, device, Some(DType::F32))?;
+    let (model, hf) = if cfg.random_init {
+        let hf = llama_pro_core::HfConfig::from_path(&model_dir)?;
+        let mut c = hf.config.clone();
+        c.dtype = DType::F32;
+        say(format!(
+            "random initialisation of {} ({} parameters, seed {})",
+            hf.path.display(),
+            c.num_params(),
+            cfg.seed
+        ));
+        (c.init::<B>(device, cfg.seed), hf)
+    } else {
+        LlamaForCausalLM::<B>::from_pretrained(&model_dir, device, Some(DType::F32))?
+    };
+    let model = if cfg.method == crate::config::Method::Lora {
+        let lc = llama_pro_core::linear::LoraConfig {
+            rank: cfg.lora_rank,
+            alpha: cfg.lora_alpha,
+            targets: cfg.lora_targets.clone(),
+        };
+        model.with_lora(&lc, cfg.seed)?
+    } else {
+        model
+    };
     let c = hf.config.clone();
     let map = LayerMap::from_config(&hf.raw, c.num_hidden_layers, &hf.path)?;
     let spec = match &cfg.trainable {
@@ -144,6 +194,20 @@ pub fn train<B: AutodiffBackend>(
     let selection = Selection::parse(&spec)?;
     let (mut model, summary) = set_trainable(model, &selection, &map)?;
     say(format!("trainable parameters ({spec}):\n{summary}"));
+    let compute = DType::parse(&cfg.dtype).ok_or_else(|| {
+        TrainError::Invalid(format!(
+            "--dtype {:?}: expected f32, bf16 or f16",
+            cfg.dtype
+        ))
+    })?;
+    if compute != DType::F32 {
+        check_dtype_support::<B>(device, compute)?;
+        model = model.mixed_precision(compute);
+        say(format!(
+            "mixed precision: frozen weights and activations in {}, trainable weights and AdamW state in f32",
+            cfg.dtype
+        ));
+    }
 
     // Data.
     let tok = if model_dir.join("tokenizer.json").exists() {
@@ -182,11 +246,22 @@ pub fn train<B: AutodiffBackend>(
         let (name, file) = e
             .split_once('=')
             .ok_or_else(|| TrainError::Invalid(format!("--eval {e:?}: expected NAME=FILE")))?;
-        let file = crate::data::existing(Path::new(file))?;
-        eval_sets.push((
-            name.to_string(),
-            crate::data::read_sequences(&file, tok.as_ref(), c.vocab_size, cfg.seq_len)?,
-        ));
+        let tf = model_dir.join("tokenizer.json");
+        let cache = cfg.token_cache.then(crate::data::default_cache_dir);
+        // Windows as for training (packed or one per line); the data-spec weight syntax does
+        // not apply, so a ':' in the path is kept.
+        let windows = load_source(
+            &format!("{file}:1"),
+            tok.as_ref(),
+            tf.exists().then_some(tf.as_path()),
+            c.vocab_size,
+            cfg.seq_len,
+            cfg.packing,
+            eos,
+            cache.as_deref(),
+        )?
+        .windows;
+        eval_sets.push((name.to_string(), spread(windows, cfg.eval_max_sequences)));
     }
     if eval_sets.is_empty() {
         let val = split_validation(&mut sources, cfg.val_fraction, cfg.seed);
@@ -263,6 +338,36 @@ pub fn train<B: AutodiffBackend>(
             }),
         }
     }
+    // Model FLOPs per token and the device peak, for the MFU.
+    let flops_per_token = {
+        use llama_pro_core::expand::layer_of;
+        let trainable: Vec<_> = named
+            .iter()
+            .filter(|p| summary.trainable_names.contains(&p.name))
+            .collect();
+        let lowest = trainable
+            .iter()
+            .filter_map(|p| layer_of(&p.name).map(|(i, _)| i))
+            .min();
+        let embeddings = trainable
+            .iter()
+            .any(|p| p.name.starts_with("model.embed_tokens."));
+        let matmul: usize = trainable
+            .iter()
+            .filter(|p| {
+                p.shape.len() == 2
+                    && (c.tie_word_embeddings || !p.name.starts_with("model.embed_tokens."))
+            })
+            .map(|p| p.shape.iter().product::<usize>())
+            .sum();
+        crate::flops::train_flops_per_token(&c, cfg.seq_len, lowest, embeddings, matmul)
+    };
+    let peak_flops = match cfg.peak_tflops {
+        Some(t) => Some((t * 1e12, "--peak-tflops".to_string())),
+        None if cfg.device == "cpu" => crate::flops::cpu_peak_flops(),
+        None => None,
+    };
+    let mfu_of = |tps: f64| peak_flops.as_ref().map(|(p, _)| tps * flops_per_token / p);
     let adamw = |wd: f64| {
         AdamWConfig::new()
             .with_beta_1(cfg.adam_beta1 as f32)
@@ -351,14 +456,56 @@ pub fn train<B: AutodiffBackend>(
     }
 
     let metrics_path = cfg.output.join("metrics.jsonl");
+    // A fresh run starts a new log; a resumed one keeps the lines up to its checkpoint (an
+    // interrupted process may have logged steps after it, which are about to be redone).
+    let kept = if cfg.resume.is_some() {
+        std::fs::read_to_string(&metrics_path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                    .is_some_and(|s| s as usize <= start_step)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect::<String>()
+    } else {
+        String::new()
+    };
+    std::fs::write(&metrics_path, kept).map_err(|source| TrainError::Io {
+        path: metrics_path.clone(),
+        source,
+    })?;
     let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
         .append(true)
         .open(&metrics_path)
         .map_err(|source| TrainError::Io {
             path: metrics_path.clone(),
             source,
         })?;
+    let log_eval = |metrics: &mut std::fs::File, step: usize, r: &BTreeMap<String, EvalResult>| {
+        for (k, v) in r {
+            let _ = writeln!(
+                metrics,
+                "{}",
+                serde_json::json!({"step": step, "eval": k, "loss": v.loss, "perplexity": v.perplexity})
+            );
+        }
+    };
+    let mut evals = Vec::new();
+    if cfg.resume.is_none() {
+        log_eval(&mut metrics, 0, &eval_before);
+        evals.push(EvalPoint::new(0, &eval_before));
+    }
+    let plot_path = cfg.output.join("loss.png");
+    let plot = |quiet: bool| {
+        if let Err(e) = plot_run(&metrics_path, &plot_path) {
+            if !quiet {
+                eprintln!("warning: {e}");
+            }
+        }
+    };
     let bar = if quiet {
         ProgressBar::hidden()
     } else {
@@ -478,9 +625,12 @@ pub fn train<B: AutodiffBackend>(
                 .iter()
                 .map(|(k, v)| format!("{k} {v:.3}"))
                 .collect();
+            let mfu = mfu_of(m.tokens_per_sec)
+                .map(|u| format!("  MFU {:.1}%", 100.0 * u))
+                .unwrap_or_default();
             bar.suspend(|| {
                 say(format!(
-                    "step {:>6}  loss {loss:.4}  lr {lr:.3e}  grad-norm {norm:.3} [{}]  {:.0} tok/s",
+                    "step {:>6}  loss {loss:.4}  lr {lr:.3e}  grad-norm {norm:.3} [{}]  {:.0} tok/s{mfu}",
                     step + 1,
                     gn.join(", "),
                     m.tokens_per_sec
@@ -489,12 +639,10 @@ pub fn train<B: AutodiffBackend>(
         }
         if cfg.eval_every > 0 && (step + 1) % cfg.eval_every == 0 && step + 1 < total_steps {
             let r = eval_all(&model)?;
+            log_eval(&mut metrics, step + 1, &r);
+            evals.push(EvalPoint::new(step + 1, &r));
+            plot(quiet);
             for (k, v) in &r {
-                let _ = writeln!(
-                    metrics,
-                    "{}",
-                    serde_json::json!({"step": step + 1, "eval": k, "loss": v.loss, "perplexity": v.perplexity})
-                );
                 bar.suspend(|| {
                     say(format!(
                         "eval step {}  {k}: loss {:.4}  ppl {:.2}",
@@ -529,13 +677,18 @@ pub fn train<B: AutodiffBackend>(
         losses,
         eval_before: eval_before.clone(),
         eval_after: BTreeMap::new(),
+        evals,
         model_dir: None,
         interrupted,
         trainable_params: summary.trainable(),
         total_params: summary.total(),
         tokens_per_sec,
+        flops_per_token,
+        mfu: mfu_of(tokens_per_sec),
+        peak_flops: peak_flops.clone(),
     };
     if interrupted {
+        plot(quiet);
         return Ok(report);
     }
     bar.finish_and_clear();
@@ -548,14 +701,21 @@ pub fn train<B: AutodiffBackend>(
         &eval_before,
     )?;
     report.eval_after = eval_all(&model)?;
+    log_eval(&mut metrics, total_steps, &report.eval_after);
+    report
+        .evals
+        .push(EvalPoint::new(total_steps, &report.eval_after));
+    plot(quiet);
     let out = cfg.output.join("model");
     save_pretrained(
-        &model.valid(),
+        &model.valid().merge_lora(),
         &hf,
         Some(&model_dir),
         &out,
         &SaveOptions {
             overwrite: true,
+            // Mixed precision exports in the compute dtype (as the base usually is).
+            dtype: (compute != DType::F32).then_some(compute),
             ..Default::default()
         },
     )?;
@@ -570,6 +730,104 @@ pub fn train<B: AutodiffBackend>(
         eprintln!("model written to {}", out.display());
     }
     Ok(report)
+}
+
+/// Draw `metrics.jsonl` (training loss per step, evaluation loss per set) into a PNG.
+pub fn plot_run(metrics: &Path, png: &Path) -> Result<()> {
+    use crate::plot::{Panel, Series, write_png};
+    let text = std::fs::read_to_string(metrics).map_err(|source| TrainError::Io {
+        path: metrics.to_path_buf(),
+        source,
+    })?;
+    let mut train = Vec::new();
+    let mut evals: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for v in text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    {
+        let (Some(step), Some(loss)) = (
+            v.get("step").and_then(|s| s.as_f64()),
+            v.get("loss").and_then(|s| s.as_f64()),
+        ) else {
+            continue;
+        };
+        match v.get("eval").and_then(|e| e.as_str()) {
+            Some(name) => evals
+                .entry(name.to_string())
+                .or_default()
+                .push((step, loss)),
+            None => train.push((step, loss)),
+        }
+    }
+    let mut panels = vec![Panel {
+        title: "training loss".into(),
+        x_label: "optimizer step".into(),
+        y_label: "loss".into(),
+        series: vec![Series {
+            label: "train".into(),
+            points: train,
+        }],
+    }];
+    if !evals.is_empty() {
+        panels.push(Panel {
+            title: "evaluation loss".into(),
+            x_label: "optimizer step".into(),
+            y_label: "loss".into(),
+            series: evals
+                .into_iter()
+                .map(|(label, points)| Series { label, points })
+                .collect(),
+        });
+    }
+    write_png(png, &panels, (640, 420))
+}
+
+/// Fail with a clear error if the backend cannot compute in `dtype` (burn panics on an
+/// unsupported dtype deep inside a kernel): a small matmul, cast and reduction, forward only.
+fn check_dtype_support<B: AutodiffBackend>(device: &B::Device, dtype: DType) -> Result<()> {
+    let device = device.clone();
+    let probe = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let a = Tensor::<B::InnerBackend, 2>::ones([4, 4], &device)
+            .cast(burn::tensor::FloatDType::from(dtype.burn()));
+        let s = a
+            .clone()
+            .matmul(a)
+            .exp()
+            .sum()
+            .cast(burn::tensor::FloatDType::F32);
+        s.into_scalar().elem_f64()
+    }));
+    match probe {
+        Ok(v) if v.is_finite() => Ok(()),
+        _ => Err(TrainError::Invalid(format!(
+            "--dtype {}: this backend ({}) cannot compute in {}; use --dtype f32{}",
+            dtype.hf_name(),
+            std::any::type_name::<B::InnerBackend>(),
+            dtype.hf_name(),
+            if dtype == DType::F16 {
+                " or bf16"
+            } else {
+                " or f16"
+            }
+        ))),
+    }
+}
+
+/// At most `max` items, evenly spaced (all of them when `max` is `None` or not smaller).
+fn spread<T>(items: Vec<T>, max: Option<usize>) -> Vec<T> {
+    match max {
+        Some(m) if m > 0 && m < items.len() => {
+            let n = items.len();
+            let keep: HashSet<usize> = (0..m).map(|i| i * n / m).collect();
+            items
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| keep.contains(i))
+                .map(|(_, x)| x)
+                .collect()
+        }
+        _ => items,
+    }
 }
 
 /// The before/after table of every evaluation set.

@@ -29,7 +29,16 @@ fn run_err(args: &[&str]) -> String {
 
 #[test]
 fn help_on_every_subcommand() {
-    for sub in ["inspect", "eval", "generate", "convert"] {
+    for sub in [
+        "inspect",
+        "eval",
+        "generate",
+        "convert",
+        "expand",
+        "train",
+        "demo",
+        "train-tokenizer",
+    ] {
         let h = run_ok(&[sub, "--help"]);
         assert!(h.contains("Usage: llama-pro"), "{sub}: {h}");
     }
@@ -269,4 +278,66 @@ pub fn cli_eval_loss(model: &std::path::Path, data: &std::path::Path) -> f64 {
     ]);
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     v["loss"].as_f64().unwrap()
+}
+
+/// `train` from the command line with LoRA and bf16 mixed precision prints tokens/s and the model
+/// FLOPs (with the MFU where the CPU's peak can be estimated); the demo and the tokenizer
+/// trainer name what is missing.
+#[test]
+fn train_cli_lora_mixed_precision_and_clear_errors() {
+    let out = tmpdir("cli-lora");
+    let data = fixtures().join("train/seqs.jsonl");
+    let text = run_ok(&[
+        "train",
+        "--model",
+        model_dir("llama-mha-f32").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--method",
+        "lora",
+        "--lora-rank",
+        "2",
+        "--dtype",
+        "bf16",
+        "--max-steps",
+        "3",
+        "--seq-len",
+        "32",
+        "--no-packing",
+        "--no-token-cache",
+    ]);
+    assert!(
+        text.contains("3 steps") && text.contains("tokens/s"),
+        "{text}"
+    );
+    assert!(
+        text.contains("model FLOPs:") && text.contains("M/token"),
+        "{text}"
+    );
+    assert!(out.join("model/model.safetensors").exists());
+    let e = run_err(&["demo", "--quick", "--data-dir", "/nonexistent-llama-pro"]);
+    assert!(e.contains("/nonexistent-llama-pro/base"), "{e}");
+    let e = run_err(&[
+        "train-tokenizer",
+        "--output",
+        out.to_str().unwrap(),
+        "/nonexistent.txt",
+    ]);
+    assert!(e.contains("/nonexistent.txt"), "{e}");
+    let e = run_err(&[
+        "train",
+        "--model",
+        model_dir("llama-mha-f32").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--method",
+        "lora",
+        "--lora-targets",
+        "q_proj,wq",
+    ]);
+    assert!(e.contains("\"wq\"") && e.contains("q_proj"), "{e}");
 }

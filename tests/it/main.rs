@@ -5,6 +5,7 @@
 
 pub mod cli;
 mod common;
+mod demo;
 mod expansion;
 mod generation;
 mod io;

@@ -1,0 +1,503 @@
+//! `llama-pro demo`: the paper's claim at toy scale, on the data shipped in `data/`.
+//!
+//! A small LLaMA pretrained on general text (the King James Bible) learns a new domain (Python
+//! source code) with the same token budget five ways: LLaMA Pro block expansion (interleaved
+//! identity blocks, only they train), full fine-tuning, LoRA, and the paper's prefix and suffix
+//! stacking (the same number of identity blocks, all at the bottom or all at the top). Every
+//! run is evaluated on held-out general and domain text before, during and after training;
+//! the result is a table, a PNG of the losses and a JSON report.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use llama_pro_core::burn::tensor::backend::AutodiffBackend;
+use llama_pro_core::device::{DeviceSpec, OnAutodiffBackend, dispatch, dispatch_autodiff};
+use llama_pro_core::expand::{ExpansionPlan, expand_checkpoint};
+use llama_pro_core::save::{SaveOptions, write_json};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Method, TrainConfig};
+use crate::error::{Result, TrainError};
+use crate::plot::{Panel, Series, write_png};
+use crate::trainer::{EvalPoint, RunControl, TrainReport, train};
+
+/// A way of adding the domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DemoMethod {
+    /// LLaMA Pro: interleaved identity blocks, only they train.
+    Pro,
+    /// Full fine-tuning of the base model.
+    Full,
+    /// LoRA on every linear layer of the base model.
+    Lora,
+    /// The same number of identity blocks stacked below the base blocks (paper Table 6).
+    Prefix,
+    /// The same number of identity blocks stacked on top of the base blocks (paper Table 6).
+    Suffix,
+}
+
+impl DemoMethod {
+    /// Name in tables and files.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Pro => "llama-pro",
+            Self::Full => "full-ft",
+            Self::Lora => "lora",
+            Self::Prefix => "prefix",
+            Self::Suffix => "suffix",
+        }
+    }
+}
+
+/// Settings of the demo. [`DemoConfig::default`] is the ~10-minute run, [`DemoConfig::quick`]
+/// the ~2-minute one (CI).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DemoConfig {
+    /// Directory with `base/`, `{general,domain}-{train,valid}.jsonl`.
+    pub data_dir: PathBuf,
+    /// Where runs, the plot and the report go.
+    pub output: PathBuf,
+    /// Methods, in order.
+    pub methods: Vec<DemoMethod>,
+    /// Optimizer steps per method (the same token budget for every method).
+    pub steps: usize,
+    /// Sequences per step.
+    pub batch_size: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Peak learning rate (every method).
+    pub lr: f64,
+    /// Interleaved expansion: groups (one identity block after each group's top block).
+    pub groups: usize,
+    /// LoRA rank.
+    pub lora_rank: usize,
+    /// Evaluations during each run (besides before and after).
+    pub evals_during: usize,
+    /// Windows of each evaluation set.
+    pub eval_sequences: usize,
+    /// The run fails if LLaMA Pro's general loss rises by more than this many percent.
+    pub max_general_change_pct: f64,
+    /// Seed of data order and adapter init.
+    pub seed: u64,
+    /// `cpu`, `wgpu[:N]`, `cuda[:N]`.
+    pub device: String,
+}
+
+impl Default for DemoConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: default_data_dir(),
+            output: PathBuf::from("demo-output"),
+            methods: vec![
+                DemoMethod::Pro,
+                DemoMethod::Full,
+                DemoMethod::Lora,
+                DemoMethod::Prefix,
+                DemoMethod::Suffix,
+            ],
+            steps: 150,
+            batch_size: 8,
+            seq_len: 128,
+            lr: 1e-3,
+            groups: 2,
+            lora_rank: 8,
+            evals_during: 5,
+            eval_sequences: 48,
+            max_general_change_pct: 5.0,
+            seed: 0,
+            device: "cpu".into(),
+        }
+    }
+}
+
+impl DemoConfig {
+    /// The CI-sized demo (~2 minutes on 2 CPU cores).
+    pub fn quick() -> Self {
+        Self {
+            steps: 30,
+            evals_during: 2,
+            eval_sequences: 16,
+            ..Self::default()
+        }
+    }
+}
+
+/// `data/` of the repository: `./data` if it has the base model, else the one next to this
+/// crate's sources (so `cargo run` works from any directory of the checkout).
+pub fn default_data_dir() -> PathBuf {
+    let local = PathBuf::from("data");
+    if local.join("base").join("config.json").exists() {
+        return local;
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("data")
+}
+
+/// One method's outcome.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DemoRun {
+    /// Method name.
+    pub method: String,
+    /// Trainable parameters.
+    pub trainable_params: usize,
+    /// All parameters (adapters included).
+    pub total_params: usize,
+    /// Layers of the trained model.
+    pub layers: usize,
+    /// max |Δlogits| between the expanded model and the base before training (expansions only).
+    pub identity_max_abs_diff: Option<f32>,
+    /// Loss per evaluation set before training.
+    pub before: BTreeMap<String, f64>,
+    /// Loss per evaluation set after training.
+    pub after: BTreeMap<String, f64>,
+    /// Every evaluation of the run.
+    pub evals: Vec<EvalPoint>,
+    /// Training loss per step.
+    pub train_losses: Vec<f64>,
+    /// Wall time of the run (training and its evaluations), seconds.
+    pub seconds: f64,
+    /// Training tokens per second.
+    pub tokens_per_sec: f64,
+}
+
+impl DemoRun {
+    /// Relative change of an evaluation set's loss, in percent.
+    pub fn change_pct(&self, set: &str) -> f64 {
+        match (self.before.get(set), self.after.get(set)) {
+            (Some(b), Some(a)) => 100.0 * (a - b) / b,
+            _ => f64::NAN,
+        }
+    }
+}
+
+/// The demo's result (also written as `demo.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DemoReport {
+    /// Settings.
+    pub config: DemoConfig,
+    /// Tokens each method trained on.
+    pub tokens_per_method: usize,
+    /// Runs in order.
+    pub runs: Vec<DemoRun>,
+    /// Whether LLaMA Pro's checks passed (identity before training, general-loss bound).
+    pub passed: bool,
+    /// What the checks found.
+    pub verdict: Vec<String>,
+}
+
+struct DemoTrain<'a> {
+    cfg: &'a TrainConfig,
+    bar: &'a ProgressBar,
+}
+
+impl OnAutodiffBackend for DemoTrain<'_> {
+    type Output = Result<TrainReport>;
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+        let stop = AtomicBool::new(false);
+        let bar = self.bar;
+        train::<B>(
+            self.cfg,
+            &device,
+            RunControl {
+                stop: &stop,
+                on_step: Box::new(move |m| {
+                    bar.inc(1);
+                    bar.set_message(format!("loss {:.3}", m.loss));
+                    true
+                }),
+                quiet: true,
+            },
+        )
+    }
+}
+
+fn data_file(dir: &Path, name: &str) -> Result<PathBuf> {
+    let p = dir.join(name);
+    if !p.exists() {
+        return Err(TrainError::Invalid(format!(
+            "{}: missing; the demo needs the data shipped in the repository's data/ (give --data-dir)",
+            p.display()
+        )));
+    }
+    Ok(p)
+}
+
+/// Run the demo: expansions with identity checks, one training run per method, evaluation,
+/// table, plot and report. Fails if LLaMA Pro's expanded model is not the identity or its
+/// general loss moves more than the configured bound.
+pub fn run_demo(cfg: &DemoConfig, quiet: bool) -> Result<DemoReport> {
+    let say = |s: String| {
+        if !quiet {
+            eprintln!("{s}");
+        }
+    };
+    let base = data_file(&cfg.data_dir, "base")?;
+    let domain_train = data_file(&cfg.data_dir, "domain-train.jsonl")?;
+    let general_valid = data_file(&cfg.data_dir, "general-valid.jsonl")?;
+    let domain_valid = data_file(&cfg.data_dir, "domain-valid.jsonl")?;
+    let device: DeviceSpec = cfg.device.parse()?;
+    if cfg.methods.is_empty() || cfg.steps == 0 {
+        return Err(TrainError::Invalid(
+            "the demo needs at least one method and --steps >= 1".into(),
+        ));
+    }
+    std::fs::create_dir_all(&cfg.output).map_err(|source| TrainError::Io {
+        path: cfg.output.clone(),
+        source,
+    })?;
+    let base_cfg = llama_pro_core::HfConfig::from_path(&base)?.config;
+    let l = base_cfg.num_hidden_layers;
+    if cfg.groups == 0 || l % cfg.groups != 0 {
+        return Err(TrainError::Invalid(format!(
+            "--groups {}: must divide the base model's {l} layers",
+            cfg.groups
+        )));
+    }
+    let tokens = cfg.steps * cfg.batch_size * cfg.seq_len;
+    say(format!(
+        "base model {} ({} layers, {} parameters); every method trains on {} domain tokens ({} steps x {} x {})",
+        base.display(),
+        l,
+        base_cfg.num_params(),
+        tokens,
+        cfg.steps,
+        cfg.batch_size,
+        cfg.seq_len
+    ));
+
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new((cfg.steps * cfg.methods.len()) as u64)
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix:>10} [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let mut runs = Vec::new();
+    let mut verdict = Vec::new();
+    let mut passed = true;
+    for &m in &cfg.methods {
+        let name = m.name();
+        bar.set_prefix(name);
+        let plan = match m {
+            DemoMethod::Pro => Some(ExpansionPlan::Interleaved {
+                groups: cfg.groups,
+                copies: 1,
+            }),
+            DemoMethod::Prefix => Some(ExpansionPlan::Bottom { k: cfg.groups }),
+            DemoMethod::Suffix => Some(ExpansionPlan::Top { k: cfg.groups }),
+            DemoMethod::Full | DemoMethod::Lora => None,
+        };
+        let (model_dir, identity) = match &plan {
+            Some(plan) => {
+                let dir = cfg.output.join("models").join(format!("{name}-init"));
+                bar.suspend(|| say(format!("{name}: expanding the base ({plan})")));
+                expand_checkpoint(
+                    &base,
+                    &dir,
+                    plan,
+                    &SaveOptions {
+                        overwrite: true,
+                        ..Default::default()
+                    },
+                )?;
+                let d = dispatch(
+                    device,
+                    crate::cli::IdentityCheck {
+                        base: &base,
+                        expanded: &dir,
+                    },
+                )??;
+                let ok = d == 0.0;
+                let line = format!(
+                    "{name}: expanded model {} the base before training (max |Δlogits| = {d})",
+                    if ok {
+                        "is bitwise identical to"
+                    } else {
+                        "DIFFERS from"
+                    }
+                );
+                bar.suspend(|| say(line.clone()));
+                if !ok {
+                    passed = false;
+                    verdict.push(format!("FAIL {line}"));
+                } else if m == DemoMethod::Pro {
+                    verdict.push(format!("ok   {line}"));
+                }
+                (dir, Some(d))
+            }
+            None => (base.clone(), None),
+        };
+        let out = cfg.output.join("runs").join(name);
+        let train_cfg = TrainConfig {
+            model: model_dir,
+            data: vec![domain_train.display().to_string()],
+            output: out.clone(),
+            method: match m {
+                DemoMethod::Full => Method::Full,
+                DemoMethod::Lora => Method::Lora,
+                _ => Method::Pro,
+            },
+            lora_rank: cfg.lora_rank,
+            lora_alpha: 2.0 * cfg.lora_rank as f64,
+            max_steps: Some(cfg.steps),
+            batch_size: cfg.batch_size,
+            seq_len: cfg.seq_len,
+            lr: cfg.lr,
+            eval: vec![
+                format!("general={}", general_valid.display()),
+                format!("domain={}", domain_valid.display()),
+            ],
+            eval_max_sequences: Some(cfg.eval_sequences),
+            eval_every: (cfg.steps / (cfg.evals_during + 1)).max(1),
+            log_every: 0,
+            keep: 1,
+            seed: cfg.seed,
+            device: cfg.device.clone(),
+            ..TrainConfig::default()
+        };
+        let start = Instant::now();
+        let r = dispatch_autodiff(
+            device,
+            DemoTrain {
+                cfg: &train_cfg,
+                bar: &bar,
+            },
+        )??;
+        let seconds = start.elapsed().as_secs_f64();
+        let loss = |e: &BTreeMap<String, crate::eval::EvalResult>| {
+            e.iter()
+                .map(|(k, v)| (k.clone(), v.loss))
+                .collect::<BTreeMap<_, _>>()
+        };
+        let run = DemoRun {
+            method: name.into(),
+            trainable_params: r.trainable_params,
+            total_params: r.total_params,
+            layers: l + plan.as_ref().map_or(0, |_| cfg.groups),
+            identity_max_abs_diff: identity,
+            before: loss(&r.eval_before),
+            after: loss(&r.eval_after),
+            evals: r.evals.clone(),
+            train_losses: r.losses.clone(),
+            seconds,
+            tokens_per_sec: r.tokens_per_sec,
+        };
+        bar.suspend(|| {
+            say(format!(
+                "{name}: domain {:.3} -> {:.3}, general {:.3} -> {:.3} ({:+.2}%), {seconds:.0} s",
+                run.before["domain"],
+                run.after["domain"],
+                run.before["general"],
+                run.after["general"],
+                run.change_pct("general")
+            ))
+        });
+        if m == DemoMethod::Pro {
+            let g = run.change_pct("general");
+            let ok = g.is_finite() && g <= cfg.max_general_change_pct;
+            let line = format!(
+                "{name}: general loss changed {g:+.2}% (bound: at most +{}%)",
+                cfg.max_general_change_pct
+            );
+            passed &= ok;
+            verdict.push(format!("{} {line}", if ok { "ok  " } else { "FAIL" }));
+        }
+        runs.push(run);
+    }
+    bar.finish_and_clear();
+    let report = DemoReport {
+        config: cfg.clone(),
+        tokens_per_method: tokens,
+        runs,
+        passed,
+        verdict,
+    };
+    write_json(
+        &cfg.output.join("demo.json"),
+        &serde_json::to_value(&report).unwrap_or_default(),
+    )?;
+    plot_demo(&report, &cfg.output.join("forgetting.png"))?;
+    Ok(report)
+}
+
+/// The results table.
+pub fn demo_table(r: &DemoReport) -> String {
+    let mut s = format!(
+        "{:<10} {:>10} {:>6} | {:>7} {:>7} {:>8} | {:>7} {:>7} {:>8} | {:>6}\n",
+        "method",
+        "trainable",
+        "layers",
+        "domain",
+        "after",
+        "change",
+        "general",
+        "after",
+        "change",
+        "time"
+    );
+    s += &format!("{}\n", "-".repeat(96));
+    for run in &r.runs {
+        s += &format!(
+            "{:<10} {:>10} {:>6} | {:>7.3} {:>7.3} {:>+7.1}% | {:>7.3} {:>7.3} {:>+7.2}% | {:>5.0}s\n",
+            run.method,
+            run.trainable_params,
+            run.layers,
+            run.before.get("domain").copied().unwrap_or(f64::NAN),
+            run.after.get("domain").copied().unwrap_or(f64::NAN),
+            run.change_pct("domain"),
+            run.before.get("general").copied().unwrap_or(f64::NAN),
+            run.after.get("general").copied().unwrap_or(f64::NAN),
+            run.change_pct("general"),
+            run.seconds
+        );
+    }
+    s
+}
+
+/// Three panels: domain loss and general loss over the steps, and the path of every method in
+/// the (domain loss, general loss) plane.
+pub fn plot_demo(r: &DemoReport, path: &Path) -> Result<()> {
+    let series = |f: &dyn Fn(&EvalPoint) -> Option<(f64, f64)>| -> Vec<Series> {
+        r.runs
+            .iter()
+            .map(|run| Series {
+                label: run.method.clone(),
+                points: run.evals.iter().filter_map(f).collect(),
+            })
+            .collect()
+    };
+    let panels = [
+        Panel {
+            title: "domain loss (held-out code)".into(),
+            x_label: "optimizer step".into(),
+            y_label: "loss".into(),
+            series: series(&|e| e.loss.get("domain").map(|l| (e.step as f64, *l))),
+        },
+        Panel {
+            title: "general loss (held-out prose)".into(),
+            x_label: "optimizer step".into(),
+            y_label: "loss".into(),
+            series: series(&|e| e.loss.get("general").map(|l| (e.step as f64, *l))),
+        },
+        Panel {
+            title: "forgetting: general vs domain".into(),
+            x_label: "domain loss".into(),
+            y_label: "general loss".into(),
+            series: series(&|e| match (e.loss.get("domain"), e.loss.get("general")) {
+                (Some(d), Some(g)) => Some((*d, *g)),
+                _ => None,
+            }),
+        },
+    ];
+    write_png(path, &panels, (560, 420))
+}

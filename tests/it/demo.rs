@@ -1,0 +1,334 @@
+//! LoRA, pretraining from a random init, tokenizer training, plots and the embedded demo.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use burn::backend::Autodiff;
+use burn::module::Param;
+use burn::tensor::{Tensor, TensorData};
+use llama_pro::core::linear::LinearConfig;
+use llama_pro::core::weights::Checkpoint;
+use llama_pro::core::{DType, LlamaForCausalLM, Tokenizer};
+use llama_pro::train::config::{Method, TrainConfig};
+use llama_pro::train::demo::{DemoConfig, DemoMethod, run_demo};
+use llama_pro::train::eval::evaluate;
+use llama_pro::train::trainer::{RunControl, TrainReport, train};
+
+use crate::common::*;
+
+type Ad = Autodiff<Cpu>;
+
+fn run(cfg: &TrainConfig) -> Result<TrainReport, llama_pro::train::TrainError> {
+    let stop = AtomicBool::new(false);
+    train::<Ad>(
+        cfg,
+        &Default::default(),
+        RunControl {
+            stop: &stop,
+            on_step: Box::new(|_| true),
+            quiet: true,
+        },
+    )
+}
+
+fn seqs() -> String {
+    fixtures().join("train/seqs.jsonl").display().to_string()
+}
+
+fn is_png(p: &Path) -> bool {
+    std::fs::read(p).is_ok_and(|b| b.starts_with(b"\x89PNG\r\n\x1a\n") && b.len() > 1000)
+}
+
+fn pseudo(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed;
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        })
+        .collect()
+}
+
+/// LoRA's forward against a float64 host computation of `x Wᵀ + b + (α/r)(x Aᵀ) Bᵀ`; a fresh
+/// adapter (B = 0) changes nothing bitwise; merging folds it into W.
+#[test]
+fn lora_linear_matches_reference_and_merges() {
+    let dev = Default::default();
+    let (d_in, d_out, r, alpha) = (12, 10, 4, 8.0);
+    let plain = LinearConfig::new(d_in, d_out, true).init::<Cpu>(&dev);
+    let x = Tensor::<Cpu, 2>::from_data(TensorData::new(pseudo(3 * d_in, 1), [3, d_in]), &dev);
+    let y0 = to_vec(plain.forward(x.clone())).0;
+    let fresh = plain.clone().with_lora(r, alpha, 7);
+    assert_eq!(
+        to_vec(fresh.forward(x.clone())).0,
+        y0,
+        "a fresh adapter changes the output"
+    );
+
+    let mut l = fresh;
+    l.lora_b = Some(Param::from_tensor(Tensor::from_data(
+        TensorData::new(pseudo(d_out * r, 2), [d_out, r]),
+        &dev,
+    )));
+    let got = to_vec(l.forward(x.clone())).0;
+    let w = to_vec(l.weight.val()).0;
+    let b = to_vec(l.bias.as_ref().unwrap().val()).0;
+    let a = to_vec(l.lora_a.as_ref().unwrap().val()).0;
+    let bb = to_vec(l.lora_b.as_ref().unwrap().val()).0;
+    let xs = to_vec(x.clone()).0;
+    let s = alpha / r as f64;
+    let mut want = vec![0f32; 3 * d_out];
+    for i in 0..3 {
+        let low: Vec<f64> = (0..r)
+            .map(|k| {
+                (0..d_in)
+                    .map(|j| xs[i * d_in + j] as f64 * a[k * d_in + j] as f64)
+                    .sum()
+            })
+            .collect();
+        for o in 0..d_out {
+            let base: f64 = (0..d_in)
+                .map(|j| xs[i * d_in + j] as f64 * w[o * d_in + j] as f64)
+                .sum::<f64>()
+                + b[o] as f64;
+            let up: f64 = (0..r).map(|k| low[k] * bb[o * r + k] as f64).sum();
+            want[i * d_out + o] = (base + s * up) as f32;
+        }
+    }
+    let d = max_abs_diff(&got, &want);
+    println!("LoRA forward vs f64 reference: {d:.2e}");
+    assert!(d < 1e-5, "{d}");
+    assert!(
+        max_abs_diff(&got, &y0) > 1e-2,
+        "the trained adapter had no effect"
+    );
+    let merged = l.merge_lora();
+    assert!(merged.lora_a.is_none() && merged.lora_b.is_none());
+    let dm = max_abs_diff(&to_vec(merged.forward(x)).0, &want);
+    println!("merged LoRA vs reference: {dm:.2e}");
+    assert!(dm < 1e-5, "{dm}");
+}
+
+/// `--method lora`: only adapters train (the base weights stay), the export is a plain LLaMA with
+/// the adapters merged that evaluates like the trained model, and loss.png is drawn.
+#[test]
+fn lora_training_trains_adapters_and_exports_merged() {
+    let model = model_dir("llama-mha-f32");
+    let out = tmpdir("lora-run");
+    let cfg = TrainConfig {
+        model: model.clone(),
+        data: vec![seqs()],
+        eval: vec![format!("train={}", seqs())],
+        output: out.clone(),
+        method: Method::Lora,
+        lora_rank: 4,
+        lora_alpha: 8.0,
+        max_steps: Some(12),
+        eval_every: 4,
+        batch_size: 2,
+        seq_len: 64,
+        packing: false,
+        lr: 1e-2,
+        log_every: 0,
+        token_cache: false,
+        ..Default::default()
+    };
+    let r = run(&cfg).unwrap();
+    let (before, after) = (r.eval_before["train"].loss, r.eval_after["train"].loss);
+    println!(
+        "lora: train-set loss {before:.4} -> {after:.4}, {} trainable",
+        r.trainable_params
+    );
+    assert!(after < before - 0.3, "{before} -> {after}");
+    // rank 4 on 7 projections of 4 layers (hidden 64, ffn 128): 4 * 4*(in+out) summed.
+    let per_layer = 4 * ((64 + 64) * 4 + (64 + 128) * 2 + (128 + 64));
+    assert_eq!(r.trainable_params, 4 * per_layer);
+    assert_eq!(r.evals.len(), 4, "before, steps 4 and 8, after");
+    assert!(is_png(&out.join("loss.png")));
+
+    let (base, exported) = (
+        Checkpoint::open(&model).unwrap(),
+        Checkpoint::open(out.join("model")).unwrap(),
+    );
+    let mut names: Vec<&str> = exported.names().collect();
+    let mut base_names: Vec<&str> = base.names().collect();
+    names.sort();
+    base_names.sort();
+    assert_eq!(names, base_names, "the export is a plain LLaMA");
+    for n in base.names() {
+        let is_proj = n.contains("_proj.");
+        let changed = base.raw(n).unwrap().0 != exported.raw(n).unwrap().0;
+        assert_eq!(changed, is_proj, "{n}");
+    }
+    let dev = Default::default();
+    let (m, _) =
+        LlamaForCausalLM::<Cpu>::from_pretrained(out.join("model"), &dev, Some(DType::F32))
+            .unwrap();
+    let tok = Tokenizer::from_dir(&model, Some(1), &[2]).unwrap();
+    let data =
+        llama_pro::train::data::read_sequences(Path::new(&seqs()), Some(&tok), 320, 64).unwrap();
+    let e = evaluate(&m, &data, 2, &dev, |_| {}).unwrap();
+    println!(
+        "merged export: loss {:.6} vs in-training {after:.6}",
+        e.loss
+    );
+    assert!((e.loss - after).abs() < 1e-4, "{} vs {after}", e.loss);
+}
+
+/// Pretraining from a config alone (`random_init`) is reproducible from the seed; without the
+/// flag the missing weights are a clear error.
+#[test]
+fn random_init_pretraining() {
+    let dir = tmpdir("random-init").join("m");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(model_dir("llama-mha-f32").join(f), dir.join(f)).unwrap();
+    }
+    let cfg = |out: &str| TrainConfig {
+        model: dir.clone(),
+        data: vec![seqs()],
+        output: dir.with_file_name(out),
+        method: Method::Full,
+        random_init: true,
+        max_steps: Some(4),
+        batch_size: 2,
+        seq_len: 64,
+        packing: false,
+        lr: 3e-3,
+        log_every: 0,
+        token_cache: false,
+        seed: 5,
+        ..Default::default()
+    };
+    let (a, b) = (run(&cfg("a")).unwrap(), run(&cfg("b")).unwrap());
+    println!("random init: losses {:?}", a.losses);
+    assert_eq!(a.losses, b.losses);
+    // A random init at std 0.02 starts near log(vocab) = log(320) = 5.77.
+    assert!((a.losses[0] - 320f64.ln()).abs() < 0.2, "{}", a.losses[0]);
+    assert!(a.losses[3] < a.losses[0]);
+    assert!(Checkpoint::open(dir.with_file_name("a").join("model")).is_ok());
+    let err = run(&TrainConfig {
+        random_init: false,
+        ..cfg("c")
+    })
+    .unwrap_err()
+    .to_string();
+    println!("{err}");
+    assert!(
+        err.contains(&dir.display().to_string()) && err.contains("safetensors"),
+        "{err}"
+    );
+}
+
+/// A BPE trained by `train_tokenizer` round-trips text, adds BOS, and loads as a model tokenizer.
+#[test]
+fn tokenizer_training_round_trips() {
+    use llama_pro::train::tokenizer_train::{TokenizerTrainConfig, train_tokenizer};
+    let dir = tmpdir("tok-train");
+    let data = dir.join("docs.jsonl");
+    let docs = [
+        "In the beginning was the word, and the word was with code.",
+        "def add(a, b):\n    return a + b\n",
+        "for i in range(10):\n    print(i * i)\n",
+        "Unicode: naïve café — ünïcödé ✓",
+    ];
+    let text: String = docs
+        .iter()
+        .map(|d| serde_json::json!({ "text": d }).to_string() + "\n")
+        .collect();
+    std::fs::write(&data, text).unwrap();
+    let out = dir.join("tok");
+    train_tokenizer(
+        &[data],
+        &TokenizerTrainConfig {
+            vocab_size: 300,
+            min_frequency: 1,
+        },
+        &out,
+    )
+    .unwrap();
+    let tok = Tokenizer::from_dir(&out, Some(0), &[]).unwrap();
+    assert_eq!(
+        tok.eos_token_ids,
+        vec![1],
+        "</s> from tokenizer_config.json"
+    );
+    assert!(tok.vocab_size() <= 300 && tok.vocab_size() > 258);
+    for d in docs {
+        let ids = tok.encode(d, true).unwrap();
+        assert_eq!(ids[0], 0, "BOS first");
+        assert!(ids.len() < d.len(), "merges learned");
+        assert_eq!(tok.decode(&ids).unwrap(), d);
+    }
+    let bad = train_tokenizer(
+        &[dir.join("missing.txt")],
+        &TokenizerTrainConfig::default(),
+        &out,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(bad.contains("missing.txt"), "{bad}");
+}
+
+/// The shipped demo tokenizer gives the ids transformers gives (golden made by
+/// scripts/make_fixtures.py with AutoTokenizer on data/base).
+#[test]
+fn shipped_tokenizer_matches_transformers() {
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("golden/demo-tokenizer.json")).unwrap(),
+    )
+    .unwrap();
+    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/base");
+    let tok = Tokenizer::from_dir(&base, Some(0), &[1]).unwrap();
+    let cases = golden["cases"].as_array().unwrap();
+    assert!(cases.len() >= 4);
+    for c in cases {
+        let text = c["text"].as_str().unwrap();
+        let want: Vec<u32> = c["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(tok.encode(text, true).unwrap(), want, "{text:?}");
+    }
+}
+
+/// The demo on the shipped model and data, shrunk to seconds: the expansion is the identity,
+/// every method trains, the table, plot and report are written.
+#[test]
+fn demo_runs_on_the_shipped_data() {
+    let out = tmpdir("demo");
+    let cfg = DemoConfig {
+        output: out.clone(),
+        methods: vec![DemoMethod::Pro, DemoMethod::Lora, DemoMethod::Suffix],
+        steps: 2,
+        batch_size: 2,
+        seq_len: 32,
+        evals_during: 1,
+        eval_sequences: 2,
+        ..DemoConfig::default()
+    };
+    let r = run_demo(&cfg, true).unwrap();
+    print!("{}", llama_pro::train::demo::demo_table(&r));
+    assert!(r.passed, "{:?}", r.verdict);
+    assert_eq!(r.runs.len(), 3);
+    assert_eq!(r.runs[0].identity_max_abs_diff, Some(0.0));
+    assert_eq!(r.runs[2].identity_max_abs_diff, Some(0.0));
+    assert_eq!(r.runs[1].identity_max_abs_diff, None);
+    assert_eq!(r.runs[0].layers, 6);
+    for run in &r.runs {
+        assert_eq!(run.train_losses.len(), 2);
+        assert_eq!(run.evals.len(), 3, "{}", run.method);
+        assert!(run.after["domain"] < run.before["domain"], "{}", run.method);
+    }
+    // Same base, same eval windows: every method starts from the same losses.
+    assert_eq!(r.runs[0].before, r.runs[1].before);
+    assert!(is_png(&out.join("forgetting.png")));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("demo.json")).unwrap()).unwrap();
+    assert_eq!(json["runs"].as_array().unwrap().len(), 3);
+    let _: PathBuf = out;
+}
