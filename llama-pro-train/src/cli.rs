@@ -72,7 +72,7 @@ pub struct DemoArgs {
     /// Optimizer steps per method (default 150; --quick 30).
     #[arg(long)]
     pub steps: Option<usize>,
-    /// Peak learning rate of every method (default 1e-3).
+    /// Peak learning rate of every method (default 2e-4, the paper's).
     #[arg(long)]
     pub lr: Option<f64>,
     /// Fail if LLaMA Pro's general loss rises by more than this many percent (default 5).
