@@ -125,13 +125,33 @@ pub fn read_sequences(
     vocab_size: usize,
     max_len: usize,
 ) -> Result<Vec<Vec<u32>>> {
+    read_sequences_with(
+        path,
+        tokenizer,
+        vocab_size,
+        max_len,
+        &indicatif::ProgressBar::hidden(),
+    )
+}
+
+/// [`read_sequences`] advancing `bar` by one per document (its length is set here).
+pub fn read_sequences_with(
+    path: &Path,
+    tokenizer: Option<&Tokenizer>,
+    vocab_size: usize,
+    max_len: usize,
+    bar: &indicatif::ProgressBar,
+) -> Result<Vec<Vec<u32>>> {
     let err = |line: usize, message: String| TrainError::Data {
         path: path.to_path_buf(),
         line,
         message,
     };
     let mut out = Vec::new();
-    for (n, doc) in read_raw(path)? {
+    let raw = read_raw(path)?;
+    bar.set_length(raw.len() as u64);
+    for (n, doc) in raw {
+        bar.inc(1);
         let mut ids = match doc {
             RawDoc::Ids(ids) => ids,
             RawDoc::Text(t) => tokenizer
@@ -216,14 +236,26 @@ pub fn read_documents_cached(
     if let Ok(docs) = read_cache(&file) {
         return Ok(docs);
     }
-    if progress {
+    let bar = if progress {
         eprintln!(
             "tokenizing {} (cached afterwards in {})",
             path.display(),
             file.display()
         );
-    }
-    let docs = read_sequences(path, tokenizer, vocab_size, usize::MAX)?;
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "tokenize [{bar:30}] {pos}/{len} documents ({elapsed}, eta {eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let docs = read_sequences_with(path, tokenizer, vocab_size, usize::MAX, &bar)?;
+    bar.finish_and_clear();
     // A cache that cannot be written only costs time next run; the data is still good.
     if std::fs::create_dir_all(cache_dir).is_ok() {
         let tmp = cache_dir.join(format!(".{key}.tmp-{}", std::process::id()));
