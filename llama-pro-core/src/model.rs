@@ -162,7 +162,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
     /// [`LoraConfig`](crate::linear::LoraConfig)); the model's output is unchanged until they
     /// train. Adapter parameters are named `<layer>.lora_a` / `<layer>.lora_b` (the selection
     /// term `lora` picks them).
-    pub fn with_lora(mut self, cfg: &crate::linear::LoraConfig, seed: u64) -> Result<Self> {
+    pub fn with_lora(self, cfg: &crate::linear::LoraConfig, seed: u64) -> Result<Self> {
         use crate::linear::LORA_TARGETS;
         if cfg.rank == 0 || !(cfg.alpha > 0.0) {
             return Err(crate::CoreError::Invalid(format!(
@@ -181,58 +181,44 @@ impl<B: Backend> LlamaForCausalLM<B> {
             )));
         }
         let on = |t: &str| cfg.targets.iter().any(|x| x == t);
+        Ok(self.map_block_linears(|i, name, lin| {
+            if !on(name) {
+                return lin;
+            }
+            let k = LORA_TARGETS.iter().position(|t| *t == name).unwrap_or(0) as u64 + 1;
+            let s = seed ^ ((i as u64) << 8 | k).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            lin.with_lora(cfg.rank, cfg.alpha, s)
+        }))
+    }
+
+    /// Fold every LoRA adapter into its weight (see [`crate::linear::Linear::merge_lora`]).
+    pub fn merge_lora(self) -> Self {
+        self.map_block_linears(|_, _, lin| lin.merge_lora())
+    }
+
+    /// Apply `f(layer index, HF name, layer)` to the seven linear layers of every block.
+    fn map_block_linears(
+        mut self,
+        mut f: impl FnMut(usize, &'static str, crate::linear::Linear<B>) -> crate::linear::Linear<B>,
+    ) -> Self {
         let layers = std::mem::take(&mut self.model.layers);
         self.model.layers = layers
             .into_iter()
             .enumerate()
             .map(|(i, mut l)| {
-                let s = |k: u64| seed ^ ((i as u64) << 8 | k).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-                let wrap = |lin: crate::linear::Linear<B>, name: &str, k: u64| {
-                    if on(name) {
-                        lin.with_lora(cfg.rank, cfg.alpha, s(k))
-                    } else {
-                        lin
-                    }
-                };
                 let a = l.self_attn;
                 l.self_attn = crate::attention::Attention {
-                    q_proj: wrap(a.q_proj, "q_proj", 1),
-                    k_proj: wrap(a.k_proj, "k_proj", 2),
-                    v_proj: wrap(a.v_proj, "v_proj", 3),
-                    o_proj: wrap(a.o_proj, "o_proj", 4),
+                    q_proj: f(i, "q_proj", a.q_proj),
+                    k_proj: f(i, "k_proj", a.k_proj),
+                    v_proj: f(i, "v_proj", a.v_proj),
+                    o_proj: f(i, "o_proj", a.o_proj),
                     ..a
                 };
                 let m = l.mlp;
                 l.mlp = crate::mlp::Mlp {
-                    gate_proj: wrap(m.gate_proj, "gate_proj", 5),
-                    up_proj: wrap(m.up_proj, "up_proj", 6),
-                    down_proj: wrap(m.down_proj, "down_proj", 7),
-                };
-                l
-            })
-            .collect();
-        Ok(self)
-    }
-
-    /// Fold every LoRA adapter into its weight (see [`crate::linear::Linear::merge_lora`]).
-    pub fn merge_lora(mut self) -> Self {
-        let layers = std::mem::take(&mut self.model.layers);
-        self.model.layers = layers
-            .into_iter()
-            .map(|mut l| {
-                let a = l.self_attn;
-                l.self_attn = crate::attention::Attention {
-                    q_proj: a.q_proj.merge_lora(),
-                    k_proj: a.k_proj.merge_lora(),
-                    v_proj: a.v_proj.merge_lora(),
-                    o_proj: a.o_proj.merge_lora(),
-                    ..a
-                };
-                let m = l.mlp;
-                l.mlp = crate::mlp::Mlp {
-                    gate_proj: m.gate_proj.merge_lora(),
-                    up_proj: m.up_proj.merge_lora(),
-                    down_proj: m.down_proj.merge_lora(),
+                    gate_proj: f(i, "gate_proj", m.gate_proj),
+                    up_proj: f(i, "up_proj", m.up_proj),
+                    down_proj: f(i, "down_proj", m.down_proj),
                 };
                 l
             })

@@ -169,10 +169,8 @@ pub struct DemoRun {
 impl DemoRun {
     /// Relative change of an evaluation set's loss, in percent.
     pub fn change_pct(&self, set: &str) -> f64 {
-        match (self.before.get(set), self.after.get(set)) {
-            (Some(b), Some(a)) => 100.0 * (a - b) / b,
-            _ => f64::NAN,
-        }
+        let (b, a) = (loss_of(&self.before, set), loss_of(&self.after, set));
+        100.0 * (a - b) / b
     }
 }
 
@@ -375,31 +373,27 @@ pub fn run_demo(cfg: &DemoConfig, quiet: bool) -> Result<DemoReport> {
             },
         )??;
         let seconds = start.elapsed().as_secs_f64();
-        let loss = |e: &BTreeMap<String, crate::eval::EvalResult>| {
-            e.iter()
-                .map(|(k, v)| (k.clone(), v.loss))
-                .collect::<BTreeMap<_, _>>()
-        };
         let run = DemoRun {
             method: name.into(),
             trainable_params: r.trainable_params,
             total_params: r.total_params,
             layers: l + plan.as_ref().map_or(0, |_| cfg.groups),
             identity_max_abs_diff: identity,
-            before: loss(&r.eval_before),
-            after: loss(&r.eval_after),
-            evals: r.evals.clone(),
-            train_losses: r.losses.clone(),
+            // A fresh run logs the evaluation before (step 0) first and after (last step) last.
+            before: r.evals.first().map(|e| e.loss.clone()).unwrap_or_default(),
+            after: r.evals.last().map(|e| e.loss.clone()).unwrap_or_default(),
+            evals: r.evals,
+            train_losses: r.losses,
             seconds,
             tokens_per_sec: r.tokens_per_sec,
         };
         bar.suspend(|| {
             say(format!(
                 "{name}: domain {:.3} -> {:.3}, general {:.3} -> {:.3} ({:+.2}%), {seconds:.0} s",
-                run.before["domain"],
-                run.after["domain"],
-                run.before["general"],
-                run.after["general"],
+                loss_of(&run.before, "domain"),
+                loss_of(&run.after, "domain"),
+                loss_of(&run.before, "general"),
+                loss_of(&run.after, "general"),
                 run.change_pct("general")
             ))
         });
@@ -431,6 +425,11 @@ pub fn run_demo(cfg: &DemoConfig, quiet: bool) -> Result<DemoReport> {
     Ok(report)
 }
 
+/// Loss of evaluation set `k` (NaN when missing).
+fn loss_of(m: &BTreeMap<String, f64>, k: &str) -> f64 {
+    m.get(k).copied().unwrap_or(f64::NAN)
+}
+
 /// The results table.
 pub fn demo_table(r: &DemoReport) -> String {
     let mut s = format!(
@@ -453,11 +452,11 @@ pub fn demo_table(r: &DemoReport) -> String {
             run.method,
             run.trainable_params,
             run.layers,
-            run.before.get("domain").copied().unwrap_or(f64::NAN),
-            run.after.get("domain").copied().unwrap_or(f64::NAN),
+            loss_of(&run.before, "domain"),
+            loss_of(&run.after, "domain"),
             run.change_pct("domain"),
-            run.before.get("general").copied().unwrap_or(f64::NAN),
-            run.after.get("general").copied().unwrap_or(f64::NAN),
+            loss_of(&run.before, "general"),
+            loss_of(&run.after, "general"),
             run.change_pct("general"),
             run.seconds
         );

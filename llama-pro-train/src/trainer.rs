@@ -201,7 +201,7 @@ pub fn train<B: AutodiffBackend>(
         ))
     })?;
     if compute != DType::F32 {
-        check_dtype_support::<B>(device, compute)?;
+        check_dtype_support::<B>(device, compute, &cfg.dtype)?;
         model = model.mixed_precision(compute);
         say(format!(
             "mixed precision: frozen weights and activations in {}, trainable weights and AdamW state in f32",
@@ -223,44 +223,29 @@ pub fn train<B: AutodiffBackend>(
         .as_ref()
         .and_then(|t| t.eos_token_ids.first().copied())
         .or(c.eos_token_ids.first().copied());
-    let mut sources: Vec<Source> = cfg
-        .data
-        .iter()
-        .map(|d| {
-            let tf = model_dir.join("tokenizer.json");
-            let cache = cfg.token_cache.then(crate::data::default_cache_dir);
-            load_source(
-                d,
-                tok.as_ref(),
-                tf.exists().then_some(tf.as_path()),
-                c.vocab_size,
-                cfg.seq_len,
-                cfg.packing,
-                eos,
-                cache.as_deref(),
-            )
-        })
-        .collect::<Result<_>>()?;
-    let mut eval_sets: Vec<(String, Vec<Vec<u32>>)> = Vec::new();
-    for e in &cfg.eval {
-        let (name, file) = e
-            .split_once('=')
-            .ok_or_else(|| TrainError::Invalid(format!("--eval {e:?}: expected NAME=FILE")))?;
-        let tf = model_dir.join("tokenizer.json");
-        let cache = cfg.token_cache.then(crate::data::default_cache_dir);
-        // Windows as for training (packed or one per line); the data-spec weight syntax does
-        // not apply, so a ':' in the path is kept.
-        let windows = load_source(
-            &format!("{file}:1"),
+    let tokenizer_file = model_dir.join("tokenizer.json");
+    let cache = cfg.token_cache.then(crate::data::default_cache_dir);
+    // Training data and evaluation sets are read alike: token cache, packing or one per line.
+    let load = |spec: &str| {
+        load_source(
+            spec,
             tok.as_ref(),
-            tf.exists().then_some(tf.as_path()),
+            tokenizer_file.exists().then_some(tokenizer_file.as_path()),
             c.vocab_size,
             cfg.seq_len,
             cfg.packing,
             eos,
             cache.as_deref(),
-        )?
-        .windows;
+        )
+    };
+    let mut sources: Vec<Source> = cfg.data.iter().map(|d| load(d)).collect::<Result<_>>()?;
+    let mut eval_sets: Vec<(String, Vec<Vec<u32>>)> = Vec::new();
+    for e in &cfg.eval {
+        let (name, file) = e
+            .split_once('=')
+            .ok_or_else(|| TrainError::Invalid(format!("--eval {e:?}: expected NAME=FILE")))?;
+        // The data-spec weight syntax does not apply: ":1" keeps a ':' in the path.
+        let windows = load(&format!("{file}:1"))?.windows;
         eval_sets.push((name.to_string(), spread(windows, cfg.eval_max_sequences)));
     }
     if eval_sets.is_empty() {
@@ -784,7 +769,11 @@ pub fn plot_run(metrics: &Path, png: &Path) -> Result<()> {
 
 /// Fail with a clear error if the backend cannot compute in `dtype` (burn panics on an
 /// unsupported dtype deep inside a kernel): a small matmul, cast and reduction, forward only.
-fn check_dtype_support<B: AutodiffBackend>(device: &B::Device, dtype: DType) -> Result<()> {
+fn check_dtype_support<B: AutodiffBackend>(
+    device: &B::Device,
+    dtype: DType,
+    flag: &str,
+) -> Result<()> {
     let device = device.clone();
     let probe = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
         let a = Tensor::<B::InnerBackend, 2>::ones([4, 4], &device)
@@ -800,8 +789,7 @@ fn check_dtype_support<B: AutodiffBackend>(device: &B::Device, dtype: DType) -> 
     match probe {
         Ok(v) if v.is_finite() => Ok(()),
         _ => Err(TrainError::Invalid(format!(
-            "--dtype {}: this backend ({}) cannot compute in {}; use --dtype f32{}",
-            dtype.hf_name(),
+            "--dtype {flag}: this backend ({}) cannot compute in {}; use --dtype f32{}",
             std::any::type_name::<B::InnerBackend>(),
             dtype.hf_name(),
             if dtype == DType::F16 {

@@ -287,16 +287,25 @@ pub fn cli_eval_loss(model: &std::path::Path, data: &std::path::Path) -> f64 {
 fn train_cli_lora_mixed_precision_and_clear_errors() {
     let out = tmpdir("cli-lora");
     let data = fixtures().join("train/seqs.jsonl");
-    let text = run_ok(&[
-        "train",
-        "--model",
-        model_dir("llama-mha-f32").to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-        "--method",
-        "lora",
+    let model = model_dir("llama-mha-f32");
+    let lora = |extra: &[&str]| -> Vec<String> {
+        [
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--method",
+            "lora",
+        ]
+        .iter()
+        .chain(extra)
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let args = lora(&[
         "--lora-rank",
         "2",
         "--dtype",
@@ -308,6 +317,7 @@ fn train_cli_lora_mixed_precision_and_clear_errors() {
         "--no-packing",
         "--no-token-cache",
     ]);
+    let text = run_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(
         text.contains("3 steps") && text.contains("tokens/s"),
         "{text}"
@@ -326,18 +336,7 @@ fn train_cli_lora_mixed_precision_and_clear_errors() {
         "/nonexistent.txt",
     ]);
     assert!(e.contains("/nonexistent.txt"), "{e}");
-    let e = run_err(&[
-        "train",
-        "--model",
-        model_dir("llama-mha-f32").to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-        "--method",
-        "lora",
-        "--lora-targets",
-        "q_proj,wq",
-    ]);
+    let args = lora(&["--lora-targets", "q_proj,wq"]);
+    let e = run_err(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(e.contains("\"wq\"") && e.contains("q_proj"), "{e}");
 }

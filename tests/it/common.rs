@@ -167,3 +167,39 @@ pub fn expanded_fixture(model: &str, tag: &str) -> PathBuf {
     .unwrap();
     out
 }
+
+/// Train on the CPU (autodiff) without output, calling `on_step` after every step.
+pub fn train_cpu(
+    cfg: &llama_pro::train::config::TrainConfig,
+    on_step: impl FnMut(&llama_pro::train::trainer::StepMetrics) -> bool,
+) -> Result<llama_pro::train::trainer::TrainReport, llama_pro::train::TrainError> {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    llama_pro::train::trainer::train::<burn::backend::Autodiff<Cpu>>(
+        cfg,
+        &Default::default(),
+        llama_pro::train::trainer::RunControl {
+            stop: &stop,
+            on_step: Box::new(on_step),
+            quiet: true,
+        },
+    )
+}
+
+/// `tok` gives the ids recorded by transformers in the golden file `{"text", "ids"}` cases
+/// (a list, or an object with a `cases` list); returns how many cases were checked.
+pub fn assert_tokenizer_cases(tok: &llama_pro::core::Tokenizer, golden: &Path) -> usize {
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(golden).unwrap()).unwrap();
+    let cases = v.get("cases").unwrap_or(&v).as_array().unwrap();
+    for c in cases {
+        let text = c["text"].as_str().unwrap();
+        let want: Vec<u32> = c["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(tok.encode(text, true).unwrap(), want, "text {text:?}");
+    }
+    cases.len()
+}

@@ -1,9 +1,7 @@
 //! LoRA, pretraining from a random init, tokenizer training, plots and the embedded demo.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 
-use burn::backend::Autodiff;
 use burn::module::Param;
 use burn::tensor::{Tensor, TensorData};
 use llama_pro::core::linear::LinearConfig;
@@ -12,23 +10,12 @@ use llama_pro::core::{DType, LlamaForCausalLM, Tokenizer};
 use llama_pro::train::config::{Method, TrainConfig};
 use llama_pro::train::demo::{DemoConfig, DemoMethod, run_demo};
 use llama_pro::train::eval::evaluate;
-use llama_pro::train::trainer::{RunControl, TrainReport, train};
+use llama_pro::train::trainer::TrainReport;
 
 use crate::common::*;
 
-type Ad = Autodiff<Cpu>;
-
 fn run(cfg: &TrainConfig) -> Result<TrainReport, llama_pro::train::TrainError> {
-    let stop = AtomicBool::new(false);
-    train::<Ad>(
-        cfg,
-        &Default::default(),
-        RunControl {
-            stop: &stop,
-            on_step: Box::new(|_| true),
-            quiet: true,
-        },
-    )
+    train_cpu(cfg, |_| true)
 }
 
 fn seqs() -> String {
@@ -276,24 +263,10 @@ fn tokenizer_training_round_trips() {
 /// scripts/make_fixtures.py with AutoTokenizer on data/base).
 #[test]
 fn shipped_tokenizer_matches_transformers() {
-    let golden: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("golden/demo-tokenizer.json")).unwrap(),
-    )
-    .unwrap();
     let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/base");
     let tok = Tokenizer::from_dir(&base, Some(0), &[1]).unwrap();
-    let cases = golden["cases"].as_array().unwrap();
-    assert!(cases.len() >= 4);
-    for c in cases {
-        let text = c["text"].as_str().unwrap();
-        let want: Vec<u32> = c["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
-        assert_eq!(tok.encode(text, true).unwrap(), want, "{text:?}");
-    }
+    let n = assert_tokenizer_cases(&tok, &fixtures().join("golden/demo-tokenizer.json"));
+    assert!(n >= 4);
 }
 
 /// The demo on the shipped model and data, shrunk to seconds: the expansion is the identity,

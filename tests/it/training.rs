@@ -12,8 +12,6 @@ use llama_pro::train::trainer::{RunControl, StepMetrics, TrainReport, train};
 
 use crate::common::*;
 
-type Ad = Autodiff<Cpu>;
-
 fn expanded(tag: &str) -> PathBuf {
     expanded_fixture("llama-mha-f32", tag)
 }
@@ -40,16 +38,7 @@ fn run_with(
     cfg: &TrainConfig,
     on_step: impl FnMut(&StepMetrics) -> bool,
 ) -> Result<TrainReport, llama_pro::train::TrainError> {
-    let stop = AtomicBool::new(false);
-    train::<Ad>(
-        cfg,
-        &Default::default(),
-        RunControl {
-            stop: &stop,
-            on_step: Box::new(on_step),
-            quiet: true,
-        },
-    )
+    train_cpu(cfg, on_step)
 }
 
 fn run(cfg: &TrainConfig) -> TrainReport {
