@@ -23,7 +23,6 @@ use llama_pro::core::freeze::{Selection, set_trainable};
 use llama_pro::core::model::{LlamaForCausalLM, causal_lm_loss_sum};
 
 use llama_pro::core::burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
-use llama_pro::core::burn::tensor::backend::AutodiffBackend;
 
 fn config(case: &str) -> Result<(LlamaConfig, usize, usize)> {
     let mut c = LlamaConfig::tiny(4096);
@@ -86,7 +85,7 @@ fn main() -> Result<()> {
     }
 }
 
-fn bench<B: AutodiffBackend>(
+fn bench<B: llama_pro::core::LlamaAutodiffBackend>(
     case: &str,
     mode: &str,
     steps: usize,

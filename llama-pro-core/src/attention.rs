@@ -7,6 +7,7 @@ use burn::tensor::{Bool, Int, Tensor, backend::Backend};
 
 use crate::config::LlamaConfig;
 use crate::error::Result;
+use crate::kernels::{AttentionShape, LlamaBackend};
 use crate::linear::{Linear, LinearConfig};
 use crate::rope::apply_rope;
 use crate::weights::WeightSource;
@@ -127,7 +128,7 @@ pub struct LayerCache<B: Backend> {
     pub v: Tensor<B, 4>,
 }
 
-impl<B: Backend> Attention<B> {
+impl<B: LlamaBackend> Attention<B> {
     /// # Shapes
     /// - x: `[batch, seq, d]`
     /// - cos, sin: `[seq, hd]` for the positions of `x`
@@ -142,8 +143,28 @@ impl<B: Backend> Attention<B> {
         sin: Tensor<B, 2>,
         cache: Option<&mut Option<LayerCache<B>>>,
     ) -> Tensor<B, 3> {
-        let [b, s, _] = x.dims();
+        let [b, s, d] = x.dims();
         let (h, kv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let Some(cache) = cache else {
+            // Whole sequences (training, evaluation, prefill without cache): one fused op.
+            let x = x.reshape([b * s, d]);
+            let q = self.q_proj.forward_2d(x.clone());
+            let k = self.k_proj.forward_2d(x.clone());
+            let v = self.v_proj.forward_2d(x);
+            let shape = AttentionShape {
+                batch: b,
+                seq: s,
+                heads: h,
+                kv_heads: kv,
+                head_dim: hd,
+                scale: 1.0 / (hd as f64).sqrt(),
+                window: self.sliding_window,
+            };
+            let out = B::lp_attention(q, k, v, cos, sin, shape);
+            let y = self.o_proj.forward_2d(out);
+            let d_out = y.dims()[1];
+            return y.reshape([b, s, d_out]);
+        };
         // [b, s, n·hd] → [b, n, s, hd]
         let heads = |t: Tensor<B, 3>, n: usize| t.reshape([b, s, n, hd]).swap_dims(1, 2);
         let q = heads(self.q_proj.forward(x.clone()), h);
@@ -152,20 +173,15 @@ impl<B: Backend> Attention<B> {
         let q = apply_rope(q, cos.clone(), sin.clone());
         let k = apply_rope(k, cos, sin);
 
-        let (k, v) = match cache {
-            Some(slot) => {
-                let (k, v) = match slot.take() {
-                    Some(c) => (Tensor::cat(vec![c.k, k], 2), Tensor::cat(vec![c.v, v], 2)),
-                    None => (k, v),
-                };
-                *slot = Some(LayerCache {
-                    k: k.clone(),
-                    v: v.clone(),
-                });
-                (k, v)
-            }
+        // Incremental decoding: append to the cache.
+        let (k, v) = match cache.take() {
+            Some(c) => (Tensor::cat(vec![c.k, k], 2), Tensor::cat(vec![c.v, v], 2)),
             None => (k, v),
         };
+        *cache = Some(LayerCache {
+            k: k.clone(),
+            v: v.clone(),
+        });
         let k = repeat_kv(k, h / kv);
         let v = repeat_kv(v, h / kv);
         let kv_len = k.dims()[2];
@@ -220,7 +236,7 @@ pub fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
 /// True where query `i` (absolute position `kv_len - q_len + i`) may not see key `j`: keys after
 /// it, and with a sliding window (Mistral: `j > i - window` is visible) keys `window` or more
 /// positions back.
-fn causal_mask<B: Backend>(
+pub(crate) fn causal_mask<B: Backend>(
     b: usize,
     h: usize,
     q_len: usize,

@@ -5,8 +5,6 @@
 
 use std::str::FromStr;
 
-use burn::tensor::backend::{AutodiffBackend, Backend};
-
 use crate::error::{CoreError, Result};
 
 /// A device named on the command line.
@@ -72,7 +70,7 @@ pub trait OnBackend {
     /// What the work returns.
     type Output;
     /// Run on backend `B`.
-    fn run<B: Backend>(self, device: B::Device) -> Self::Output;
+    fn run<B: crate::kernels::LlamaBackend>(self, device: B::Device) -> Self::Output;
 }
 
 /// Work that needs gradients (training).
@@ -80,7 +78,7 @@ pub trait OnAutodiffBackend {
     /// What the work returns.
     type Output;
     /// Run on backend `B`.
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output;
+    fn run<B: crate::kernels::LlamaAutodiffBackend>(self, device: B::Device) -> Self::Output;
 }
 
 fn not_built(feature: &str) -> CoreError {

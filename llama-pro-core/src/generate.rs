@@ -1,6 +1,6 @@
 //! Autoregressive generation with a KV cache: greedy, temperature, top-k and top-p sampling.
 
-use burn::tensor::{FloatDType, Int, Tensor, TensorData, backend::Backend};
+use burn::tensor::{FloatDType, Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -138,7 +138,7 @@ pub fn argmax(x: &[f32]) -> u32 {
 
 /// Generate a continuation of `prompt`. `on_token` sees each new token as it is produced
 /// (for streaming). Returns the new tokens (the EOS that stopped generation included).
-pub fn generate<B: Backend>(
+pub fn generate<B: crate::kernels::LlamaBackend>(
     model: &LlamaForCausalLM<B>,
     prompt: &[u32],
     cfg: &GenerationConfig,

@@ -18,6 +18,7 @@ pub mod error;
 pub mod expand;
 pub mod freeze;
 pub mod generate;
+pub mod kernels;
 pub mod linear;
 pub mod mlp;
 pub mod model;
@@ -29,6 +30,7 @@ pub mod weights;
 
 pub use config::{Architecture, DType, HfConfig, LlamaConfig, RopeScaling};
 pub use error::{CoreError, Result};
+pub use kernels::{LlamaAutodiffBackend, LlamaBackend};
 pub use model::{KvCache, LlamaForCausalLM, LlamaModel};
 pub use tokenizer::Tokenizer;
 

@@ -6,7 +6,9 @@
 //! transposed view, which burn's backends handle as a stride change, not a copy.
 
 use burn::module::{Module, Param};
-use burn::tensor::{Tensor, backend::Backend, module::linear};
+use burn::tensor::{Tensor, backend::Backend};
+
+use crate::kernels::LlamaBackend;
 
 use crate::error::Result;
 use crate::weights::{Init, WeightSource};
@@ -129,27 +131,43 @@ fn as_dtype<B: Backend, const D: usize>(
     }
 }
 
-impl<B: Backend> Linear<B> {
+impl<B: LlamaBackend> Linear<B> {
     /// Apply the layer.
     ///
     /// # Shapes
     /// - input: `[..., d_input]`
     /// - output: `[..., d_output]`
     pub fn forward<const D: usize>(&self, input: Tensor<B, D>) -> Tensor<B, D> {
-        let dtype = input.dtype();
-        let w = as_dtype(self.weight.val(), dtype);
-        let bias = self.bias.as_ref().map(|b| as_dtype(b.val(), dtype));
-        match (&self.lora_a, &self.lora_b) {
-            (Some(a), Some(b)) => {
-                let low = linear(input.clone(), as_dtype(a.val(), dtype).transpose(), None);
-                let up = linear(low, as_dtype(b.val(), dtype).transpose(), None)
-                    .mul_scalar(self.lora_scale);
-                linear(input, w.transpose(), bias) + up
-            }
-            _ => linear(input, w.transpose(), bias),
-        }
+        let dims = input.dims();
+        let d_in = dims[D - 1];
+        let rows = dims[..D - 1].iter().product();
+        let x = input.reshape([rows, d_in]);
+        let y = self.forward_2d(x);
+        let mut out = dims;
+        out[D - 1] = y.dims()[1];
+        y.reshape(out)
     }
 
+    /// [`Self::forward`] on rows: `[n, d_input]` → `[n, d_output]`.
+    pub fn forward_2d(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let dtype = x.dtype();
+        let w = as_dtype(self.weight.val(), dtype);
+        let mut y = match (&self.lora_a, &self.lora_b) {
+            (Some(a), Some(b)) => {
+                let low = B::lp_linear(x.clone(), as_dtype(a.val(), dtype));
+                let up = B::lp_linear(low, as_dtype(b.val(), dtype)).mul_scalar(self.lora_scale);
+                B::lp_linear(x, w) + up
+            }
+            _ => B::lp_linear(x, w),
+        };
+        if let Some(b) = &self.bias {
+            y = y + as_dtype(b.val(), dtype).unsqueeze::<2>();
+        }
+        y
+    }
+}
+
+impl<B: Backend> Linear<B> {
     /// Attach a LoRA adapter of rank `rank` (A from `seed`, B = 0); the layer's output is unchanged
     /// until B is trained.
     pub fn with_lora(mut self, rank: usize, alpha: f64, seed: u64) -> Self {

@@ -1,7 +1,9 @@
 //! SwiGLU feed-forward network.
 
 use burn::module::Module;
-use burn::tensor::{Tensor, activation::silu, backend::Backend};
+use burn::tensor::{Tensor, backend::Backend};
+
+use crate::kernels::LlamaBackend;
 
 use crate::error::Result;
 use crate::linear::{Linear, LinearConfig};
@@ -64,12 +66,17 @@ impl MlpConfig {
     }
 }
 
-impl<B: Backend> Mlp<B> {
+impl<B: LlamaBackend> Mlp<B> {
     /// # Shapes
     /// - x: `[batch, seq, d]`
     /// - output: `[batch, seq, d]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        let [b, s, d] = x.dims();
+        let x = x.reshape([b * s, d]);
+        let gate = self.gate_proj.forward_2d(x.clone());
+        let hidden = B::lp_swiglu(gate, self.up_proj.forward_2d(x));
+        let y = self.down_proj.forward_2d(hidden);
+        let d_out = y.dims()[1];
+        y.reshape([b, s, d_out])
     }
 }

@@ -3,13 +3,14 @@
 use std::path::Path;
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
-use burn::tensor::{FloatDType, Int, Tensor, backend::Backend};
+use burn::tensor::{Int, Tensor, backend::Backend};
 
 use crate::attention::LayerCache;
 use crate::block::{DecoderLayer, DecoderLayerConfig};
 use crate::config::{DType, HfConfig, LlamaConfig};
 use crate::embedding::{Embedding, EmbeddingConfig};
 use crate::error::Result;
+use crate::kernels::LlamaBackend;
 use crate::linear::{Linear, LinearConfig};
 use crate::norm::{RmsNorm, RmsNormConfig};
 use crate::rope::RotaryEmbedding;
@@ -273,6 +274,23 @@ impl<B: Backend> LlamaForCausalLM<B> {
         }
     }
 
+    /// Every parameter with its HF name, in module order (`model.layers.0.self_attn.q_proj.weight`…).
+    pub fn named_parameters(&self) -> Vec<NamedParam<B>> {
+        let mut v = NamedParams {
+            path: Vec::new(),
+            out: Vec::new(),
+        };
+        self.visit(&mut v);
+        v.out
+    }
+
+    /// Number of parameters.
+    pub fn num_parameters(&self) -> usize {
+        self.num_params()
+    }
+}
+
+impl<B: LlamaBackend> LlamaForCausalLM<B> {
     /// Logits for every position.
     ///
     /// # Shapes
@@ -347,24 +365,12 @@ impl<B: Backend> LlamaForCausalLM<B> {
                 } else {
                     w.cast(burn::tensor::FloatDType::from(h.dtype()))
                 };
-                burn::tensor::module::linear(h, w.transpose(), None)
+                let [b, s, d] = h.dims();
+                let logits = B::lp_linear(h.reshape([b * s, d]), w);
+                let v = logits.dims()[1];
+                logits.reshape([b, s, v])
             }
         }
-    }
-
-    /// Every parameter with its HF name, in module order (`model.layers.0.self_attn.q_proj.weight`…).
-    pub fn named_parameters(&self) -> Vec<NamedParam<B>> {
-        let mut v = NamedParams {
-            path: Vec::new(),
-            out: Vec::new(),
-        };
-        self.visit(&mut v);
-        v.out
-    }
-
-    /// Number of parameters.
-    pub fn num_parameters(&self) -> usize {
-        self.num_params()
     }
 }
 
@@ -418,24 +424,13 @@ impl<B: Backend> ModuleVisitor<B> for NamedParams<B> {
 /// - logits: `[batch, seq, vocab]`
 /// - input_ids: `[batch, seq]`
 /// - mask: `[batch, seq]`, 1.0 for real tokens, 0.0 for padding (float, any dtype)
-pub fn causal_lm_loss_sum<B: Backend>(
+pub fn causal_lm_loss_sum<B: LlamaBackend>(
     logits: Tensor<B, 3>,
     input_ids: Tensor<B, 2, Int>,
     mask: Tensor<B, 2>,
 ) -> (Tensor<B, 1>, Tensor<B, 1>) {
-    let [b, s, v] = logits.dims();
-    let logits = logits.narrow(1, 0, s - 1).cast(FloatDType::F32);
-    let targets = input_ids.narrow(1, 1, s - 1);
-    // A position contributes when both it and its target are real tokens.
-    let mask = mask.clone().narrow(1, 1, s - 1).cast(FloatDType::F32)
-        * mask.narrow(1, 0, s - 1).cast(FloatDType::F32);
-    let log_probs = burn::tensor::activation::log_softmax(logits, 2);
-    let picked = log_probs
-        .gather(2, targets.reshape([b, s - 1, 1]))
-        .reshape([b, s - 1]);
-    let _ = v;
-    let nll = picked.neg() * mask.clone();
-    (nll.sum(), mask.sum())
+    let count = crate::kernels::pair_mask(mask.clone()).sum();
+    (B::lp_causal_ce(logits, input_ids, mask), count)
 }
 
 impl<B: burn::tensor::backend::AutodiffBackend> LlamaForCausalLM<B> {

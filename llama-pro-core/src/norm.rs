@@ -1,7 +1,9 @@
 //! RMSNorm with HuggingFace semantics.
 
 use burn::module::{Module, Param};
-use burn::tensor::{FloatDType, Tensor, backend::Backend};
+use burn::tensor::{Tensor, backend::Backend};
+
+use crate::kernels::LlamaBackend;
 
 use crate::error::Result;
 use crate::weights::{Init, WeightSource};
@@ -47,24 +49,14 @@ impl RmsNormConfig {
     }
 }
 
-impl<B: Backend> RmsNorm<B> {
+impl<B: LlamaBackend> RmsNorm<B> {
     /// # Shapes
     /// - input: `[..., size]`
     /// - output: same as input
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let dtype = x.dtype();
-        let xf = x.cast(FloatDType::F32);
-        let variance = xf.clone().square().mean_dim(D - 1);
-        let normed = xf * (variance + self.eps).sqrt().recip();
-        let normed = normed.cast(dtype);
-        let w = self.weight.val();
-        if w.dtype() == dtype {
-            w.unsqueeze::<D>() * normed
-        } else {
-            // Mixed precision (an f32 master weight, bf16/f16 activations): multiply in f32 and
-            // return the activations' dtype, as autocast would.
-            (w.cast(FloatDType::F32).unsqueeze::<D>() * normed.cast(FloatDType::F32))
-                .cast(FloatDType::from(dtype))
-        }
+        let dims = x.dims();
+        let d = dims[D - 1];
+        let rows = dims[..D - 1].iter().product();
+        B::lp_rms_norm(x.reshape([rows, d]), self.weight.val(), self.eps).reshape(dims)
     }
 }

@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use llama_pro_core::burn::tensor::backend::Backend;
 use llama_pro_core::device::{DeviceSpec, OnBackend, dispatch};
 use llama_pro_core::expand::{ExpansionPlan, LayerMap, expand_checkpoint};
 use llama_pro_core::freeze::{SelectContext, Selection, summarize};
@@ -709,7 +708,7 @@ struct EvalTask<'a> {
 
 impl OnBackend for EvalTask<'_> {
     type Output = Result<()>;
-    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+    fn run<B: llama_pro_core::LlamaBackend>(self, device: B::Device) -> Result<()> {
         let a = self.args;
         let dir = existing(&a.model)?;
         let data = existing(&a.data)?;
@@ -745,7 +744,7 @@ struct GenerateTask<'a> {
 
 impl OnBackend for GenerateTask<'_> {
     type Output = Result<()>;
-    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+    fn run<B: llama_pro_core::LlamaBackend>(self, device: B::Device) -> Result<()> {
         let a = self.args;
         let dir = existing(&a.model)?;
         let (model, hf) = LlamaForCausalLM::<B>::from_pretrained(&dir, &device, Some(self.dtype))?;
@@ -948,10 +947,7 @@ struct TrainTask<'a> {
 
 impl llama_pro_core::device::OnAutodiffBackend for TrainTask<'_> {
     type Output = Result<crate::trainer::TrainReport>;
-    fn run<B: llama_pro_core::burn::tensor::backend::AutodiffBackend>(
-        self,
-        device: B::Device,
-    ) -> Self::Output {
+    fn run<B: llama_pro_core::LlamaAutodiffBackend>(self, device: B::Device) -> Self::Output {
         crate::trainer::train::<B>(
             self.cfg,
             &device,
@@ -1042,7 +1038,7 @@ pub(crate) struct IdentityCheck<'a> {
 
 impl OnBackend for IdentityCheck<'_> {
     type Output = Result<f32>;
-    fn run<B: Backend>(self, device: B::Device) -> Result<f32> {
+    fn run<B: llama_pro_core::LlamaBackend>(self, device: B::Device) -> Result<f32> {
         use llama_pro_core::burn::tensor::{Int, Tensor, TensorData};
         let (base, _) =
             LlamaForCausalLM::<B>::from_pretrained(self.base, &device, Some(DType::F32))?;

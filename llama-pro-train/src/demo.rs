@@ -13,7 +13,6 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use llama_pro_core::burn::tensor::backend::AutodiffBackend;
 use llama_pro_core::device::{DeviceSpec, OnAutodiffBackend, dispatch, dispatch_autodiff};
 use llama_pro_core::expand::{ExpansionPlan, expand_checkpoint};
 use llama_pro_core::save::{SaveOptions, write_json};
@@ -196,7 +195,7 @@ struct DemoTrain<'a> {
 
 impl OnAutodiffBackend for DemoTrain<'_> {
     type Output = Result<TrainReport>;
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+    fn run<B: llama_pro_core::LlamaAutodiffBackend>(self, device: B::Device) -> Self::Output {
         let stop = AtomicBool::new(false);
         let bar = self.bar;
         train::<B>(

@@ -42,7 +42,7 @@ pub fn pad_batch<B: Backend>(
 /// Mean loss over all predicted tokens of all sequences (each sequence on its own: no packing),
 /// as transformers computes it with `labels = input_ids` and `-100` on padding.
 /// `on_batch` is called after each batch with the number of sequences done.
-pub fn evaluate<B: Backend>(
+pub fn evaluate<B: llama_pro_core::LlamaBackend>(
     model: &LlamaForCausalLM<B>,
     seqs: &[Vec<u32>],
     batch_size: usize,

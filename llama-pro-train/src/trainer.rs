@@ -147,7 +147,7 @@ pub struct RunControl<'a> {
 }
 
 /// Run training as configured.
-pub fn train<B: AutodiffBackend>(
+pub fn train<B: llama_pro_core::LlamaAutodiffBackend>(
     cfg: &TrainConfig,
     device: &B::Device,
     mut control: RunControl<'_>,

@@ -201,7 +201,10 @@ fn ids<B: Backend>(device: &B::Device) -> Tensor<B, 2, Int> {
     Golden::open("llama-mha-f32").ids::<B>("input_ids", device)
 }
 
-fn logits_bytes<B: Backend>(m: &LlamaForCausalLM<B>, device: &B::Device) -> Vec<u8> {
+fn logits_bytes<B: llama_pro::core::LlamaBackend>(
+    m: &LlamaForCausalLM<B>,
+    device: &B::Device,
+) -> Vec<u8> {
     m.forward(ids::<B>(device)).into_data().as_bytes().to_vec()
 }
 
@@ -301,7 +304,10 @@ fn load_expanded<B: Backend>(dir: &Path, device: &B::Device) -> (LlamaForCausalL
     (model, map)
 }
 
-fn mean_loss<B: Backend>(model: &LlamaForCausalLM<B>, device: &B::Device) -> Tensor<B, 1> {
+fn mean_loss<B: llama_pro::core::LlamaBackend>(
+    model: &LlamaForCausalLM<B>,
+    device: &B::Device,
+) -> Tensor<B, 1> {
     let ids = ids::<B>(device);
     let mask = Tensor::<B, 2>::ones(ids.dims(), device);
     let (s, c) = causal_lm_loss_sum(model.forward(ids.clone()), ids, mask);

@@ -9,5 +9,6 @@ mod demo;
 mod expansion;
 mod generation;
 mod io;
+mod kernels;
 mod parity;
 mod training;

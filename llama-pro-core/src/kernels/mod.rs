@@ -1,0 +1,508 @@
+//! The model's compute-heavy operations behind one backend interface, with fused kernels where a
+//! backend has them.
+//!
+//! Every module calls these operations ([`LlamaBackend::lp_linear`], `lp_rms_norm`, `lp_swiglu`,
+//! `lp_attention`, `lp_causal_ce`) instead of composing burn tensor ops itself. A backend either
+//! supplies a kernel for an operation (forward and backward) or does not; without one, the
+//! operation is composed from burn tensor ops exactly as a plain port would write it, and burn's
+//! autodiff differentiates the composition. So there is one code path in the modules, and the
+//! backends differ only in which kernels they bring:
+//!
+//! - `Flex` (CPU) brings f32 kernels for all five (see `cpu`): a profile of the composed training
+//!   step showed 40% of the time in gemm and the rest in layout copies (`swap_dims`/`reshape`
+//!   of attention heads, transposed weights made contiguous by `linear`, broadcasts through
+//!   burn-flex's strided iterator), unfused element-wise chains (RMSNorm: 8 ops and as many in
+//!   backward; RoPE: narrow/neg/cat/mul/add; softmax; log-softmax) and a fresh allocation per
+//!   op. The kernels work on contiguous `[tokens, features]` rows, read attention heads with
+//!   strides instead of copying them, apply RoPE inside attention, recompute the attention
+//!   probabilities in backward from the saved log-sum-exp (memory O(seq), not O(seq²)), and
+//!   compute weight gradients directly in HF's `[out, in]` layout.
+//! - Other dtypes on Flex (bf16/f16 mixed precision) and the GPU backends (wgpu, CUDA) use the
+//!   composed form (burn's fusion and autotuned kernels do this work there).
+//!
+//! [`Autodiff`] over a backend with kernels registers one backward step per operation, which
+//! calls the backend's backward kernel.
+
+use burn::backend::Autodiff;
+use burn::backend::autodiff::NodeId;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{Int, Tensor, TensorPrimitive};
+
+mod composed;
+pub(crate) use composed::pair_mask;
+#[cfg(feature = "cpu")]
+pub mod cpu;
+
+thread_local! {
+    static KERNELS_OFF: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether backends may use their kernels on this thread: yes unless inside [`without_kernels`]
+/// or the environment sets `LLAMA_PRO_KERNELS=0` (for A/B comparisons and benchmarks).
+pub fn kernels_enabled() -> bool {
+    static ENV_OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let env_off = *ENV_OFF.get_or_init(|| {
+        std::env::var("LLAMA_PRO_KERNELS")
+            .is_ok_and(|v| matches!(v.as_str(), "0" | "off" | "false"))
+    });
+    !env_off && !KERNELS_OFF.with(|k| k.get())
+}
+
+/// Run `f` with every operation composed from burn tensor ops on this thread (no backend
+/// kernels), e.g. to check a kernel against the composition or to measure what it gains. The
+/// backward pass of a graph built inside `f` follows the forward: composed ops differentiate
+/// through burn's autodiff wherever `backward()` is called.
+pub fn without_kernels<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            KERNELS_OFF.with(|k| k.set(self.0));
+        }
+    }
+    let _restore = Restore(KERNELS_OFF.with(|k| k.replace(true)));
+    f()
+}
+
+/// Geometry of one attention call.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionShape {
+    /// Sequences.
+    pub batch: usize,
+    /// Positions per sequence (queries = keys: no cache).
+    pub seq: usize,
+    /// Query heads H.
+    pub heads: usize,
+    /// Key/value heads H_kv (divides H).
+    pub kv_heads: usize,
+    /// Per-head width (even).
+    pub head_dim: usize,
+    /// Multiplier of q·k (usually `1/sqrt(head_dim)`).
+    pub scale: f64,
+    /// Sliding window: query `i` sees keys `j` with `i - window < j <= i`.
+    pub window: Option<usize>,
+}
+
+/// A burn backend the LLaMA modules can run on: the five operations below, each with a
+/// composed default and an optional fused kernel (the `*_kernel` methods return `None` when the
+/// backend has none for the given inputs).
+///
+/// Implemented for `Flex` (CPU kernels), the wgpu and CUDA backends (composed), and `Autodiff`
+/// over any of them.
+pub trait LlamaBackend: Backend {
+    /// `x · wᵀ`.
+    ///
+    /// # Shapes
+    /// - x: `[n, in]`; w: `[out, in]` (HF layout)
+    /// - output: `[n, out]`
+    fn lp_linear(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        match Self::linear_kernel(fp(x.clone()), fp(w.clone())) {
+            Some(y) => tp(y),
+            None => composed::linear(x, w),
+        }
+    }
+
+    /// RMSNorm of each row (statistics in f32, result in x's dtype, then scaled by `w`).
+    ///
+    /// # Shapes
+    /// - x: `[n, d]`; w: `[d]`
+    /// - output: `[n, d]`
+    fn lp_rms_norm(x: Tensor<Self, 2>, w: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2> {
+        match Self::rms_norm_kernel(fp(x.clone()), fp(w.clone()), eps) {
+            Some((y, _)) => tp(y),
+            None => composed::rms_norm(x, w, eps),
+        }
+    }
+
+    /// `silu(gate) ⊙ up`.
+    ///
+    /// # Shapes
+    /// - gate, up, output: `[n, f]`
+    fn lp_swiglu(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        match Self::swiglu_kernel(fp(gate.clone()), fp(up.clone())) {
+            Some(y) => tp(y),
+            None => composed::swiglu(gate, up),
+        }
+    }
+
+    /// Causal self-attention with RoPE on q and k and grouped K/V heads:
+    /// `softmax(rope(q) rope(k)ᵀ · scale + causal) v` per head.
+    ///
+    /// # Shapes
+    /// - q: `[batch·seq, H·hd]`; k, v: `[batch·seq, H_kv·hd]` (projection outputs, token-major)
+    /// - cos, sin: `[seq, hd]` RoPE tables for positions `0..seq`
+    /// - output: `[batch·seq, H·hd]` (the input of `o_proj`)
+    fn lp_attention(
+        q: Tensor<Self, 2>,
+        k: Tensor<Self, 2>,
+        v: Tensor<Self, 2>,
+        cos: Tensor<Self, 2>,
+        sin: Tensor<Self, 2>,
+        shape: AttentionShape,
+    ) -> Tensor<Self, 2> {
+        let kernel = Self::attention_kernel(
+            fp(q.clone()),
+            fp(k.clone()),
+            fp(v.clone()),
+            fp(cos.clone()),
+            fp(sin.clone()),
+            shape,
+        );
+        match kernel {
+            Some((out, _)) => tp(out),
+            None => composed::attention(q, k, v, cos, sin, shape),
+        }
+    }
+
+    /// Sum of the causal-LM cross-entropy (position `t` predicts token `t+1`, in f32) over the
+    /// positions where both `mask[t]` and `mask[t+1]` are set, weighted by their product.
+    ///
+    /// # Shapes
+    /// - logits: `[batch, seq, vocab]`; ids: `[batch, seq]`; mask: `[batch, seq]`
+    /// - output: `[1]`
+    fn lp_causal_ce(
+        logits: Tensor<Self, 3>,
+        ids: Tensor<Self, 2, Int>,
+        mask: Tensor<Self, 2>,
+    ) -> Tensor<Self, 1> {
+        let kernel = Self::causal_ce_kernel(
+            fp(logits.clone()),
+            ids.clone().into_primitive(),
+            fp(mask.clone()),
+        );
+        match kernel {
+            Some((loss, _)) => tp(loss),
+            None => composed::causal_ce(logits, ids, mask),
+        }
+    }
+
+    // ---- kernels: `None` = this backend has none for these inputs -------------------------
+
+    /// Forward of [`Self::lp_linear`].
+    fn linear_kernel(_x: FloatTensor<Self>, _w: FloatTensor<Self>) -> Option<FloatTensor<Self>> {
+        None
+    }
+    /// Gradients `[dx, dw]` of [`Self::lp_linear`] (each only when `need` says so). Called only
+    /// after [`Self::linear_kernel`] returned `Some` for the same inputs.
+    fn linear_backward_kernel(
+        _x: FloatTensor<Self>,
+        _w: FloatTensor<Self>,
+        _dy: FloatTensor<Self>,
+        _need: [bool; 2],
+    ) -> [Option<FloatTensor<Self>>; 2] {
+        unreachable!("linear_backward_kernel without linear_kernel")
+    }
+    /// Forward of [`Self::lp_rms_norm`]: output and the per-row `1/rms` (`[n]`).
+    fn rms_norm_kernel(
+        _x: FloatTensor<Self>,
+        _w: FloatTensor<Self>,
+        _eps: f64,
+    ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
+        None
+    }
+    /// Gradients `[dx, dw]` of [`Self::lp_rms_norm`].
+    fn rms_norm_backward_kernel(
+        _x: FloatTensor<Self>,
+        _w: FloatTensor<Self>,
+        _rstd: FloatTensor<Self>,
+        _dy: FloatTensor<Self>,
+        _need: [bool; 2],
+    ) -> [Option<FloatTensor<Self>>; 2] {
+        unreachable!("rms_norm_backward_kernel without rms_norm_kernel")
+    }
+    /// Forward of [`Self::lp_swiglu`].
+    fn swiglu_kernel(
+        _gate: FloatTensor<Self>,
+        _up: FloatTensor<Self>,
+    ) -> Option<FloatTensor<Self>> {
+        None
+    }
+    /// Gradients `[dgate, dup]` of [`Self::lp_swiglu`].
+    fn swiglu_backward_kernel(
+        _gate: FloatTensor<Self>,
+        _up: FloatTensor<Self>,
+        _dy: FloatTensor<Self>,
+        _need: [bool; 2],
+    ) -> [Option<FloatTensor<Self>>; 2] {
+        unreachable!("swiglu_backward_kernel without swiglu_kernel")
+    }
+    /// Forward of [`Self::lp_attention`]: output and the log-sum-exp of every score row
+    /// (`[batch, H, seq]`).
+    fn attention_kernel(
+        _q: FloatTensor<Self>,
+        _k: FloatTensor<Self>,
+        _v: FloatTensor<Self>,
+        _cos: FloatTensor<Self>,
+        _sin: FloatTensor<Self>,
+        _shape: AttentionShape,
+    ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
+        None
+    }
+    /// Gradients `[dq, dk, dv]` of [`Self::lp_attention`].
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward_kernel(
+        _q: FloatTensor<Self>,
+        _k: FloatTensor<Self>,
+        _v: FloatTensor<Self>,
+        _cos: FloatTensor<Self>,
+        _sin: FloatTensor<Self>,
+        _out: FloatTensor<Self>,
+        _lse: FloatTensor<Self>,
+        _dout: FloatTensor<Self>,
+        _shape: AttentionShape,
+    ) -> [FloatTensor<Self>; 3] {
+        unreachable!("attention_backward_kernel without attention_kernel")
+    }
+    /// Forward of [`Self::lp_causal_ce`]: the loss sum (`[1]`) and each row's log-sum-exp.
+    fn causal_ce_kernel(
+        _logits: FloatTensor<Self>,
+        _ids: IntTensor<Self>,
+        _mask: FloatTensor<Self>,
+    ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
+        None
+    }
+    /// Gradient of the logits of [`Self::lp_causal_ce`] for an upstream gradient `dloss` (`[1]`).
+    fn causal_ce_backward_kernel(
+        _logits: FloatTensor<Self>,
+        _ids: IntTensor<Self>,
+        _mask: FloatTensor<Self>,
+        _lse: FloatTensor<Self>,
+        _dloss: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        unreachable!("causal_ce_backward_kernel without causal_ce_kernel")
+    }
+}
+
+/// A training backend: autodiff over a [`LlamaBackend`], itself a [`LlamaBackend`].
+pub trait LlamaAutodiffBackend: AutodiffBackend<InnerBackend: LlamaBackend> + LlamaBackend {}
+impl<B> LlamaAutodiffBackend for B where
+    B: AutodiffBackend<InnerBackend: LlamaBackend> + LlamaBackend
+{
+}
+
+fn fp<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
+    t.into_primitive().tensor()
+}
+
+fn tp<B: Backend, const D: usize>(p: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(p))
+}
+
+#[cfg(feature = "wgpu")]
+impl LlamaBackend for crate::device::WgpuBackend {}
+#[cfg(feature = "wgpu")]
+impl LlamaBackend for burn::backend::Wgpu {}
+#[cfg(feature = "cuda")]
+impl LlamaBackend for burn::backend::Cuda {}
+
+// ---- autodiff: one backward step per kernel ---------------------------------------------------
+
+type Ad<B, C> = Autodiff<B, C>;
+
+/// Register `out` (computed by an inner kernel from `parents`) with its backward step.
+fn record<B, C, BO, const N: usize>(
+    step: BO,
+    parents: [&FloatTensor<Ad<B, C>>; N],
+    state: BO::State,
+    out: FloatTensor<B>,
+) -> FloatTensor<Ad<B, C>>
+where
+    B: LlamaBackend,
+    C: CheckpointStrategy,
+    BO: Backward<B, N>,
+{
+    match step
+        .prepare::<C>(parents.map(|p| p.node.clone()))
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(state, out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    }
+}
+
+fn give<B: Backend>(grads: &mut Gradients, parent: Option<NodeId>, g: Option<FloatTensor<B>>) {
+    if let (Some(id), Some(g)) = (parent, g) {
+        grads.register::<B>(id, g);
+    }
+}
+
+#[derive(Debug)]
+struct LinearStep;
+impl<B: LlamaBackend> Backward<B, 2> for LinearStep {
+    type State = (FloatTensor<B>, FloatTensor<B>);
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [px, pw] = ops.parents;
+        let dy = grads.consume::<B>(&ops.node);
+        let (x, w) = ops.state;
+        let [dx, dw] = B::linear_backward_kernel(x, w, dy, [px.is_some(), pw.is_some()]);
+        give::<B>(grads, px.as_ref().map(|n| n.id), dx);
+        give::<B>(grads, pw.as_ref().map(|n| n.id), dw);
+    }
+}
+
+#[derive(Debug)]
+struct RmsNormStep;
+impl<B: LlamaBackend> Backward<B, 2> for RmsNormStep {
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [px, pw] = ops.parents;
+        let dy = grads.consume::<B>(&ops.node);
+        let (x, w, rstd) = ops.state;
+        let [dx, dw] = B::rms_norm_backward_kernel(x, w, rstd, dy, [px.is_some(), pw.is_some()]);
+        give::<B>(grads, px.as_ref().map(|n| n.id), dx);
+        give::<B>(grads, pw.as_ref().map(|n| n.id), dw);
+    }
+}
+
+#[derive(Debug)]
+struct SwigluStep;
+impl<B: LlamaBackend> Backward<B, 2> for SwigluStep {
+    type State = (FloatTensor<B>, FloatTensor<B>);
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [pg, pu] = ops.parents;
+        let dy = grads.consume::<B>(&ops.node);
+        let (g, u) = ops.state;
+        let [dg, du] = B::swiglu_backward_kernel(g, u, dy, [pg.is_some(), pu.is_some()]);
+        give::<B>(grads, pg.as_ref().map(|n| n.id), dg);
+        give::<B>(grads, pu.as_ref().map(|n| n.id), du);
+    }
+}
+
+#[derive(Debug)]
+struct AttentionStep;
+type AttentionState<B> = (
+    [FloatTensor<B>; 7], // q, k, v, cos, sin, out, lse
+    AttentionShape,
+);
+impl<B: LlamaBackend> Backward<B, 3> for AttentionStep {
+    type State = AttentionState<B>;
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [pq, pk, pv] = ops.parents;
+        let dout = grads.consume::<B>(&ops.node);
+        let ([q, k, v, cos, sin, out, lse], shape) = ops.state;
+        let [dq, dk, dv] = B::attention_backward_kernel(q, k, v, cos, sin, out, lse, dout, shape);
+        give::<B>(grads, pq.as_ref().map(|n| n.id), Some(dq));
+        give::<B>(grads, pk.as_ref().map(|n| n.id), Some(dk));
+        give::<B>(grads, pv.as_ref().map(|n| n.id), Some(dv));
+    }
+}
+
+#[derive(Debug)]
+struct CausalCeStep;
+impl<B: LlamaBackend> Backward<B, 1> for CausalCeStep {
+    type State = (FloatTensor<B>, IntTensor<B>, FloatTensor<B>, FloatTensor<B>);
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [pl] = ops.parents;
+        let dloss = grads.consume::<B>(&ops.node);
+        let (logits, ids, mask, lse) = ops.state;
+        let d = B::causal_ce_backward_kernel(logits, ids, mask, lse, dloss);
+        give::<B>(grads, pl.as_ref().map(|n| n.id), Some(d));
+    }
+}
+
+impl<B: LlamaBackend, C: CheckpointStrategy> LlamaBackend for Ad<B, C> {
+    fn lp_linear(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        let (xa, wa) = (fp(x.clone()), fp(w.clone()));
+        match B::linear_kernel(xa.primitive.clone(), wa.primitive.clone()) {
+            Some(y) => tp(record::<B, C, _, 2>(
+                LinearStep,
+                [&xa, &wa],
+                (xa.primitive.clone(), wa.primitive.clone()),
+                y,
+            )),
+            None => composed::linear(x, w),
+        }
+    }
+
+    fn lp_rms_norm(x: Tensor<Self, 2>, w: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2> {
+        let (xa, wa) = (fp(x.clone()), fp(w.clone()));
+        match B::rms_norm_kernel(xa.primitive.clone(), wa.primitive.clone(), eps) {
+            Some((y, rstd)) => tp(record::<B, C, _, 2>(
+                RmsNormStep,
+                [&xa, &wa],
+                (xa.primitive.clone(), wa.primitive.clone(), rstd),
+                y,
+            )),
+            None => composed::rms_norm(x, w, eps),
+        }
+    }
+
+    fn lp_swiglu(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        let (ga, ua) = (fp(gate.clone()), fp(up.clone()));
+        match B::swiglu_kernel(ga.primitive.clone(), ua.primitive.clone()) {
+            Some(y) => tp(record::<B, C, _, 2>(
+                SwigluStep,
+                [&ga, &ua],
+                (ga.primitive.clone(), ua.primitive.clone()),
+                y,
+            )),
+            None => composed::swiglu(gate, up),
+        }
+    }
+
+    fn lp_attention(
+        q: Tensor<Self, 2>,
+        k: Tensor<Self, 2>,
+        v: Tensor<Self, 2>,
+        cos: Tensor<Self, 2>,
+        sin: Tensor<Self, 2>,
+        shape: AttentionShape,
+    ) -> Tensor<Self, 2> {
+        let (qa, ka, va) = (fp(q.clone()), fp(k.clone()), fp(v.clone()));
+        let (ca, sa) = (fp(cos.clone()), fp(sin.clone()));
+        let kernel = B::attention_kernel(
+            qa.primitive.clone(),
+            ka.primitive.clone(),
+            va.primitive.clone(),
+            ca.primitive.clone(),
+            sa.primitive.clone(),
+            shape,
+        );
+        match kernel {
+            Some((out, lse)) => {
+                let state = (
+                    [
+                        qa.primitive.clone(),
+                        ka.primitive.clone(),
+                        va.primitive.clone(),
+                        ca.primitive,
+                        sa.primitive,
+                        out.clone(),
+                        lse,
+                    ],
+                    shape,
+                );
+                tp(record::<B, C, _, 3>(
+                    AttentionStep,
+                    [&qa, &ka, &va],
+                    state,
+                    out,
+                ))
+            }
+            None => composed::attention(q, k, v, cos, sin, shape),
+        }
+    }
+
+    fn lp_causal_ce(
+        logits: Tensor<Self, 3>,
+        ids: Tensor<Self, 2, Int>,
+        mask: Tensor<Self, 2>,
+    ) -> Tensor<Self, 1> {
+        let (la, ma) = (fp(logits.clone()), fp(mask.clone()));
+        let ip: IntTensor<B> = ids.clone().into_primitive();
+        match B::causal_ce_kernel(la.primitive.clone(), ip.clone(), ma.primitive.clone()) {
+            Some((loss, lse)) => tp(record::<B, C, _, 1>(
+                CausalCeStep,
+                [&la],
+                (la.primitive.clone(), ip, ma.primitive, lse),
+                loss,
+            )),
+            None => composed::causal_ce(logits, ids, mask),
+        }
+    }
+}
