@@ -66,6 +66,7 @@ fn peak_rss_kb() -> u64 {
 }
 
 fn main() -> Result<()> {
+    llama_pro::core::device::tune_allocator();
     let args: Vec<String> = std::env::args().collect();
     let get = |k: &str, d: &str| -> String {
         args.iter()
@@ -118,6 +119,9 @@ fn bench<B: llama_pro::core::LlamaAutodiffBackend>(
         .with_weight_decay(0.1)
         .init::<B, LlamaForCausalLM<B>>();
     let mut times = Vec::new();
+    // Per-phase times (Flex is eager, so a phase's ops are done when its call returns; on GPU
+    // backends the split is only indicative).
+    let mut phases: [Vec<f64>; 3] = Default::default();
     let mut loss_first = f32::NAN;
     let mut loss_last = f32::NAN;
     for i in 0..warmup + steps {
@@ -133,9 +137,17 @@ fn bench<B: llama_pro::core::LlamaAutodiffBackend>(
         } else {
             let (s, c) = causal_lm_loss_sum(model.forward(ids.clone()), ids.clone(), mask.clone());
             let loss = s / c;
+            let t_fwd = t.elapsed().as_secs_f64();
             let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let t_bwd = t.elapsed().as_secs_f64();
             model = optim.step(1e-4, model, grads);
             loss_last = loss.into_scalar().elem::<f32>();
+            if i >= warmup {
+                let t_all = t.elapsed().as_secs_f64();
+                phases[0].push(t_fwd);
+                phases[1].push(t_bwd - t_fwd);
+                phases[2].push(t_all - t_bwd);
+            }
         }
         if i == 0 {
             loss_first = loss_last;
@@ -146,6 +158,13 @@ fn bench<B: llama_pro::core::LlamaAutodiffBackend>(
     }
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let phase_s = serde_json::json!({
+        "forward": med(&mut phases[0]), "backward": med(&mut phases[1]), "optimizer": med(&mut phases[2]),
+    });
     println!(
         "{}",
         serde_json::json!({
@@ -154,7 +173,7 @@ fn bench<B: llama_pro::core::LlamaAutodiffBackend>(
             "tokens_per_step": batch * seq, "median_step_s": median, "tokens_per_s": (batch * seq) as f64 / median,
             "peak_rss_mb": peak_rss_kb() as f64 / 1024.0, "loss_first": loss_first, "loss_last": loss_last,
             "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-            "checkpointing": checkpointing,
+            "checkpointing": checkpointing, "phase_s": phase_s,
         })
     );
     Ok(())

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    llama_pro::core::device::tune_allocator();
     let cli = llama_pro::train::cli::Cli::parse();
     match llama_pro::train::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,

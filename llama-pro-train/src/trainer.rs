@@ -155,6 +155,7 @@ pub fn train<B: llama_pro_core::LlamaAutodiffBackend>(
     let quiet = control.quiet;
     let stop = control.stop;
     cfg.validate()?;
+    llama_pro_core::device::tune_allocator();
     let say = |s: String| {
         if !quiet {
             eprintln!("{s}");

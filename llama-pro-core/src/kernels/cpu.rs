@@ -49,6 +49,57 @@ fn tensor(v: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(v, shape))
 }
 
+/// A zero-free buffer for an output that `fill` writes completely (through the pointer): skips
+/// the memset of `vec![0.0; n]` for gemm outputs (2.5% of a step).
+fn written(n: usize, fill: impl FnOnce(*mut f32)) -> Vec<f32> {
+    let mut v = Vec::<f32>::with_capacity(n);
+    fill(v.spare_capacity_mut().as_mut_ptr().cast());
+    // SAFETY: `fill` initialised all `n` elements (every caller writes each output element).
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// Defines `fn name(args) -> ret` whose body is compiled three times, for AVX-512, for AVX2+FMA
+/// and for the baseline, and picked at run time: the crate is built for baseline x86-64 (SSE2)
+/// so that one binary runs everywhere, which leaves the element-wise loops (exp, RoPE, norms)
+/// 4 lanes wide unless a function is compiled with wider target features. The body must only
+/// call `#[inline(always)]` helpers for them to be compiled with the same features.
+macro_rules! simd_fn {
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        #[allow(clippy::too_many_arguments)]
+        fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn v4($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn v3($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512dq")
+                {
+                    // SAFETY: the features were detected on this CPU.
+                    return unsafe { v4($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: as above.
+                    return unsafe { v3($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
 /// A pointer shared by parallel tasks that write disjoint parts of one buffer.
 #[derive(Clone, Copy)]
 struct Shared(*mut f32);
@@ -126,7 +177,7 @@ fn exp(x: f32) -> f32 {
 }
 
 /// `Σ a_i b_i` with 16 independent accumulators (vectorises; also more accurate than one).
-#[inline]
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
@@ -144,7 +195,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `y = rope(x)` for one row (rotate-half form, see `crate::rope`).
-#[inline]
+#[inline(always)]
 fn rope_row(x: &[f32], c: &[f32], s: &[f32], y: &mut [f32]) {
     let h = x.len() / 2;
     for i in 0..h {
@@ -154,7 +205,7 @@ fn rope_row(x: &[f32], c: &[f32], s: &[f32], y: &mut [f32]) {
 }
 
 /// `dx = ropeᵀ(dy)` for one row (the transposed rotation).
-#[inline]
+#[inline(always)]
 fn rope_t_row(dy: &[f32], c: &[f32], s: &[f32], dx: &mut [f32]) {
     let h = dy.len() / 2;
     for i in 0..h {
@@ -172,10 +223,213 @@ fn key_range(i0: usize, i1: usize, window: Option<usize>) -> (usize, usize) {
     (lo, i1)
 }
 
-/// Whether query `i` sees key `j`.
-#[inline]
-fn visible(i: usize, j: usize, window: Option<usize>) -> bool {
-    j <= i && window.is_none_or(|w| j + w > i)
+/// Largest element (16 lanes, vectorises).
+#[inline(always)]
+fn max_of(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let c = x.chunks_exact(16);
+    let rest = c.remainder();
+    for ch in c {
+        for i in 0..16 {
+            acc[i] = if ch[i] > acc[i] { ch[i] } else { acc[i] };
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for &v in acc.iter().chain(rest) {
+        m = if v > m { v } else { m };
+    }
+    m
+}
+
+/// `x ← exp(x − m)`, returning the sum (16 lanes).
+#[inline(always)]
+fn exp_in_place(x: &mut [f32], m: f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut c = x.chunks_exact_mut(16);
+    for ch in &mut c {
+        for i in 0..16 {
+            ch[i] = exp(ch[i] - m);
+            acc[i] += ch[i];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for v in c.into_remainder() {
+        *v = exp(*v - m);
+        s += *v;
+    }
+    s
+}
+
+/// `Σ exp(x − m)` (16 lanes).
+#[inline(always)]
+fn sum_exp(x: &[f32], m: f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let c = x.chunks_exact(16);
+    let rest = c.remainder();
+    for ch in c {
+        for i in 0..16 {
+            acc[i] += exp(ch[i] - m);
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().map(|&a| exp(a - m)).sum::<f32>()
+}
+
+/// Columns `[a, b)` (relative to key `lo`) that query `i` sees.
+#[inline(always)]
+fn visible_cols(i: usize, lo: usize, window: Option<usize>) -> (usize, usize) {
+    let first = window.map_or(0, |w| (i + 1).saturating_sub(w)).max(lo);
+    (first - lo, i + 1 - lo)
+}
+
+simd_fn! {
+    /// `dst[t] = rope(src[t·stride..][..hd])` for every `hd`-row `t` of `dst`.
+    fn rope_rows(src: &[f32], stride: usize, hd: usize, cos: &[f32], sin: &[f32], dst: &mut [f32]) {
+        for (t, y) in dst.chunks_exact_mut(hd).enumerate() {
+            rope_row(&src[t * stride..][..hd], &cos[t * hd..][..hd], &sin[t * hd..][..hd], y);
+        }
+    }
+}
+
+simd_fn! {
+    /// Row `t` of `dst` (row stride `stride`, a shared output) `= ropeᵀ(src[t])`.
+    fn rope_t_rows(src: &[f32], hd: usize, cos: &[f32], sin: &[f32], dst: Shared, stride: usize) {
+        for (t, x) in src.chunks_exact(hd).enumerate() {
+            // SAFETY: the caller owns these `hd` elements of every row.
+            let y = unsafe { std::slice::from_raw_parts_mut(dst.0.add(t * stride), hd) };
+            rope_t_row(x, &cos[t * hd..][..hd], &sin[t * hd..][..hd], y);
+        }
+    }
+}
+
+simd_fn! {
+    /// Scores of queries `i0..` (rows of `p`, `nk` keys from `lo`) → softmax probabilities of
+    /// `scale ·` scores over the visible keys (others 0); `lse[r]` gets each row's
+    /// log-sum-exp.
+    fn softmax_block(p: &mut [f32], nk: usize, i0: usize, lo: usize, window: Option<usize>, scale: f32, lse: &mut [f32]) {
+        for (r, row) in p.chunks_exact_mut(nk).enumerate() {
+            let (a, b) = visible_cols(i0 + r, lo, window);
+            let vis = &mut row[a..b];
+            for x in vis.iter_mut() {
+                *x *= scale;
+            }
+            let m = max_of(vis);
+            let sum = exp_in_place(vis, m);
+            let inv = 1.0 / sum;
+            for x in vis.iter_mut() {
+                *x *= inv;
+            }
+            row[..a].fill(0.0);
+            row[b..].fill(0.0);
+            lse[r] = m + sum.ln();
+        }
+    }
+}
+
+simd_fn! {
+    /// Recomputed scores `p` and `dp = dO·vᵀ` of queries `i0..` → `p = P` and `dp = dS =
+    /// P ⊙ (dP − rowsum(dO ⊙ O)) · scale` (0 outside the visible keys). `o`, `d_o`: the head's
+    /// output and its gradient from row `i0`, rows `stride` apart.
+    fn ds_block(p: &mut [f32], dp: &mut [f32], nk: usize, i0: usize, lo: usize, window: Option<usize>, scale: f32, lse: &[f32], o: &[f32], d_o: &[f32], stride: usize, hd: usize) {
+        for (r, (pr, dpr)) in p.chunks_exact_mut(nk).zip(dp.chunks_exact_mut(nk)).enumerate() {
+            let (a, b) = visible_cols(i0 + r, lo, window);
+            let di = dot(&o[r * stride..][..hd], &d_o[r * stride..][..hd]);
+            let l = lse[r];
+            let (pv, dpv) = (&mut pr[a..b], &mut dpr[a..b]);
+            for j in 0..pv.len() {
+                let pij = exp(pv[j] * scale - l);
+                pv[j] = pij;
+                dpv[j] = pij * (dpv[j] - di) * scale;
+            }
+            pr[..a].fill(0.0);
+            pr[b..].fill(0.0);
+            dpr[..a].fill(0.0);
+            dpr[b..].fill(0.0);
+        }
+    }
+}
+
+simd_fn! {
+    /// RMSNorm of the rows of `x` (width `w.len()`) into `y`, `1/rms` into `rstd`.
+    fn rms_rows(x: &[f32], w: &[f32], eps: f32, y: &mut [f32], rstd: &mut [f32]) {
+        let d = w.len();
+        for ((xr, yr), rr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)).zip(rstd.iter_mut()) {
+            let inv = 1.0 / (dot(xr, xr) / d as f32 + eps).sqrt();
+            *rr = inv;
+            for j in 0..d {
+                yr[j] = w[j] * (xr[j] * inv);
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// RMSNorm backward over rows: with `x̂ = x·r`, `g = dy ⊙ w`:
+    /// `dx = r·(g − x̂·mean(g ⊙ x̂))` (when `dx` is given) and `dw += Σ_rows dy ⊙ x̂` (when
+    /// `dw` is not empty).
+    fn rms_back_rows(x: &[f32], dy: &[f32], w: &[f32], rstd: &[f32], dx: &mut [f32], dw: &mut [f32], g: &mut [f32]) {
+        let d = w.len();
+        for (r, (xr, dyr)) in x.chunks_exact(d).zip(dy.chunks_exact(d)).enumerate() {
+            let inv = rstd[r];
+            if !dw.is_empty() {
+                for j in 0..d {
+                    dw[j] += dyr[j] * (xr[j] * inv);
+                }
+            }
+            if !dx.is_empty() {
+                for j in 0..d {
+                    g[j] = dyr[j] * w[j];
+                }
+                let mean = dot(g, xr) * inv / d as f32;
+                let out = &mut dx[r * d..][..d];
+                for j in 0..d {
+                    out[j] = inv * (g[j] - xr[j] * inv * mean);
+                }
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// `y = silu(g) ⊙ u`.
+    fn swiglu_rows(g: &[f32], u: &[f32], y: &mut [f32]) {
+        let (g, u) = (&g[..y.len()], &u[..y.len()]);
+        for i in 0..y.len() {
+            let x = g[i];
+            y[i] = x / (1.0 + exp(-x)) * u[i];
+        }
+    }
+}
+
+simd_fn! {
+    /// SwiGLU backward: `du = dy·silu(g)`, `dg = dy·u·σ(g)(1 + g(1 − σ(g)))`.
+    fn swiglu_back_rows(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+        let n = dg.len();
+        let (g, u, dy, du) = (&g[..n], &u[..n], &dy[..n], &mut du[..n]);
+        for i in 0..n {
+            let (x, up, d) = (g[i], u[i], dy[i]);
+            let s = 1.0 / (1.0 + exp(-x));
+            du[i] = d * x * s;
+            dg[i] = d * up * s * (1.0 + x * (1.0 - s));
+        }
+    }
+}
+
+simd_fn! {
+    /// log-sum-exp of a row.
+    fn lse_row(x: &[f32]) -> f32 {
+        let m = max_of(x);
+        m + sum_exp(x, m).ln()
+    }
+}
+
+simd_fn! {
+    /// `d = w · softmax(x)` from the row's log-sum-exp `l`.
+    fn softmax_scaled_row(x: &[f32], l: f32, w: f32, d: &mut [f32]) {
+        let x = &x[..d.len()];
+        for j in 0..d.len() {
+            d[j] = w * exp(x[j] - l);
+        }
+    }
 }
 
 impl LlamaBackend for Flex {
@@ -186,12 +440,11 @@ impl LlamaBackend for Flex {
         let (x, w) = (contig(x), contig(w));
         let ([n, k], [m, k2]) = (dims(&x)[..].try_into().ok()?, dims(&w)[..].try_into().ok()?);
         assert_eq!(k, k2, "linear: input width {k} vs weight [{m}, {k2}]");
-        let mut y = vec![0f32; n * m];
         // y[n, m] = x[n, k] · wᵀ: wᵀ is w read with swapped strides (no copy).
-        unsafe {
+        let y = written(n * m, |y| unsafe {
             mm(
                 (n, m, k),
-                y.as_mut_ptr(),
+                y,
                 m,
                 false,
                 vals(&x).as_ptr(),
@@ -200,7 +453,7 @@ impl LlamaBackend for Flex {
                 (1, k),
                 true,
             )
-        };
+        });
         Some(tensor(y, vec![n, m]))
     }
 
@@ -210,15 +463,14 @@ impl LlamaBackend for Flex {
         dy: FlexTensor,
         need: [bool; 2],
     ) -> [Option<FlexTensor>; 2] {
-        let (x, w, dy) = (contig(x), contig(w), contig(dy));
-        let (n, k, m) = (dims(&x)[0], dims(&x)[1], dims(&w)[0]);
+        let (w, dy) = (contig(w), contig(dy));
+        let (n, m, k) = (dims(&dy)[0], dims(&w)[0], dims(&w)[1]);
         let dx = need[0].then(|| {
             // dx[n, k] = dy[n, m] · w[m, k]
-            let mut dx = vec![0f32; n * k];
-            unsafe {
+            let dx = written(n * k, |dx| unsafe {
                 mm(
                     (n, k, m),
-                    dx.as_mut_ptr(),
+                    dx,
                     k,
                     false,
                     vals(&dy).as_ptr(),
@@ -227,16 +479,16 @@ impl LlamaBackend for Flex {
                     (k, 1),
                     true,
                 )
-            };
+            });
             tensor(dx, vec![n, k])
         });
         let dw = need[1].then(|| {
             // dw[m, k] = dyᵀ[m, n] · x[n, k], in HF's [out, in] layout directly.
-            let mut dw = vec![0f32; m * k];
-            unsafe {
+            let x = contig(x);
+            let dw = written(m * k, |dw| unsafe {
                 mm(
                     (m, k, n),
-                    dw.as_mut_ptr(),
+                    dw,
                     k,
                     false,
                     vals(&dy).as_ptr(),
@@ -245,7 +497,7 @@ impl LlamaBackend for Flex {
                     (k, 1),
                     true,
                 )
-            };
+            });
             tensor(dw, vec![m, k])
         });
         [dx, dw]
@@ -265,14 +517,7 @@ impl LlamaBackend for Flex {
             .zip(rstd.par_chunks_mut(rows))
             .enumerate()
             .for_each(|(c, (yc, rc))| {
-                for (r, (yr, rr)) in yc.chunks_mut(d).zip(rc.iter_mut()).enumerate() {
-                    let xr = &xv[(c * rows + r) * d..][..d];
-                    let inv = 1.0 / (dot(xr, xr) / d as f32 + eps as f32).sqrt();
-                    *rr = inv;
-                    for j in 0..d {
-                        yr[j] = wv[j] * (xr[j] * inv);
-                    }
-                }
+                rms_rows(&xv[c * rows * d..][..yc.len()], wv, eps as f32, yc, rc);
             });
         Some((tensor(y, vec![n, d]), tensor(rstd, vec![n])))
     }
@@ -288,45 +533,29 @@ impl LlamaBackend for Flex {
         let (n, d) = (dims(&x)[0], dims(&x)[1]);
         let (xv, wv, rv, dyv) = (vals(&x), vals(&w), vals(&rstd), vals(&dy));
         let rows = rows_per_chunk(n);
+        let chunks = n.div_ceil(rows);
         let mut dx = vec![0f32; if need[0] { n * d } else { 0 }];
-        // x̂ = x·r, g = dy ⊙ w: dx = r·(g − x̂·mean(g ⊙ x̂)), dw = Σ_rows dy ⊙ x̂.
-        let chunk = |c: usize, dxc: Option<&mut [f32]>| -> Vec<f32> {
-            let mut dw = vec![0f32; if need[1] { d } else { 0 }];
-            let mut g = vec![0f32; d];
-            let r0 = c * rows;
-            let r1 = (r0 + rows).min(n);
-            let mut dxc = dxc;
-            for row in r0..r1 {
-                let (xr, dyr, inv) = (&xv[row * d..][..d], &dyv[row * d..][..d], rv[row]);
-                if need[1] {
-                    for j in 0..d {
-                        dw[j] += dyr[j] * (xr[j] * inv);
-                    }
-                }
-                if let Some(dxc) = dxc.as_deref_mut() {
-                    for j in 0..d {
-                        g[j] = dyr[j] * wv[j];
-                    }
-                    let mean = dot(&g, xr) * inv / d as f32;
-                    let out = &mut dxc[(row - r0) * d..][..d];
-                    for j in 0..d {
-                        out[j] = inv * (g[j] - xr[j] * inv * mean);
-                    }
-                }
-            }
-            dw
-        };
-        let partials: Vec<Vec<f32>> = if need[0] {
-            dx.par_chunks_mut(rows * d)
-                .enumerate()
-                .map(|(c, dxc)| chunk(c, Some(dxc)))
-                .collect()
-        } else {
-            (0..n.div_ceil(rows))
-                .into_par_iter()
-                .map(|c| chunk(c, None))
-                .collect()
-        };
+        let dx_len = if need[0] { rows * d } else { 0 };
+        let dxp = Shared(dx.as_mut_ptr());
+        // One partial dw per chunk, summed after.
+        let partials: Vec<Vec<f32>> = (0..chunks)
+            .into_par_iter()
+            .map(|c| {
+                let dxp = dxp;
+                let (r0, r1) = (c * rows, ((c + 1) * rows).min(n));
+                let mut dw = vec![0f32; if need[1] { d } else { 0 }];
+                let mut g = vec![0f32; d];
+                let dxc = if dx_len > 0 {
+                    // SAFETY: chunk `c` owns rows r0..r1 of dx.
+                    unsafe { std::slice::from_raw_parts_mut(dxp.0.add(r0 * d), (r1 - r0) * d) }
+                } else {
+                    &mut []
+                };
+                let (xs, dys) = (&xv[r0 * d..r1 * d], &dyv[r0 * d..r1 * d]);
+                rms_back_rows(xs, dys, wv, &rv[r0..r1], dxc, &mut dw, &mut g);
+                dw
+            })
+            .collect();
         let dw = need[1].then(|| {
             let mut dw = vec![0f32; d];
             for p in &partials {
@@ -349,11 +578,7 @@ impl LlamaBackend for Flex {
         let mut y = vec![0f32; gv.len()];
         const C: usize = 1 << 14;
         y.par_chunks_mut(C).enumerate().for_each(|(c, yc)| {
-            let (gc, uc) = (&gv[c * C..][..yc.len()], &uv[c * C..][..yc.len()]);
-            for i in 0..yc.len() {
-                let x = gc[i];
-                yc[i] = x / (1.0 + exp(-x)) * uc[i];
-            }
+            swiglu_rows(&gv[c * C..], &uv[c * C..], yc);
         });
         Some(tensor(y, shape))
     }
@@ -375,13 +600,7 @@ impl LlamaBackend for Flex {
             .zip(du.par_chunks_mut(C))
             .enumerate()
             .for_each(|(c, (dgc, duc))| {
-                let o = c * C;
-                for i in 0..dgc.len() {
-                    let (x, up, d) = (gv[o + i], uv[o + i], dyv[o + i]);
-                    let s = 1.0 / (1.0 + exp(-x));
-                    duc[i] = d * x * s;
-                    dgc[i] = d * up * s * (1.0 + x * (1.0 - s));
-                }
+                swiglu_back_rows(&gv[c * C..], &uv[c * C..], &dyv[c * C..], dgc, duc);
             });
         [
             need[0].then(|| tensor(dg, shape.clone())),
@@ -414,32 +633,21 @@ impl LlamaBackend for Flex {
             let (bi, g) = (task / kvh, task % kvh);
             let row0 = bi * s;
             let mut kr = vec![0f32; s * hd];
-            for t in 0..s {
-                let src = &kv[(row0 + t) * ks + g * hd..][..hd];
-                rope_row(
-                    src,
-                    &cv[t * hd..][..hd],
-                    &sv[t * hd..][..hd],
-                    &mut kr[t * hd..][..hd],
-                );
-            }
+            rope_rows(&kv[row0 * ks + g * hd..], ks, hd, cv, sv, &mut kr);
             let mut qr = vec![0f32; s * hd];
             let mut p = vec![0f32; ATT_BLOCK * s];
             for hi in g * rep..(g + 1) * rep {
-                for t in 0..s {
-                    let src = &qv[(row0 + t) * qs + hi * hd..][..hd];
-                    let (c, sn) = (&cv[t * hd..][..hd], &sv[t * hd..][..hd]);
-                    rope_row(src, c, sn, &mut qr[t * hd..][..hd]);
-                }
+                rope_rows(&qv[row0 * qs + hi * hd..], qs, hd, cv, sv, &mut qr);
                 for i0 in (0..s).step_by(ATT_BLOCK) {
                     let i1 = (i0 + ATT_BLOCK).min(s);
                     let (lo, hi_k) = key_range(i0, i1, sh.window);
-                    let nk = hi_k - lo;
+                    let (nq, nk) = (i1 - i0, hi_k - lo);
+                    let pb = &mut p[..nq * nk];
                     // scores[i0..i1, lo..hi_k] = qr · krᵀ
                     unsafe {
                         mm(
-                            (i1 - i0, nk, hd),
-                            p.as_mut_ptr(),
+                            (nq, nk, hd),
+                            pb.as_mut_ptr(),
                             nk,
                             false,
                             qr[i0 * hd..].as_ptr(),
@@ -449,39 +657,19 @@ impl LlamaBackend for Flex {
                             false,
                         )
                     };
-                    for i in i0..i1 {
-                        let row = &mut p[(i - i0) * nk..][..nk];
-                        let mut m = f32::NEG_INFINITY;
-                        for (jj, x) in row.iter_mut().enumerate() {
-                            *x *= scale;
-                            if visible(i, lo + jj, sh.window) && *x > m {
-                                m = *x;
-                            }
-                        }
-                        let mut sum = 0f32;
-                        for (jj, x) in row.iter_mut().enumerate() {
-                            let e = if visible(i, lo + jj, sh.window) {
-                                exp(*x - m)
-                            } else {
-                                0.0
-                            };
-                            *x = e;
-                            sum += e;
-                        }
-                        let inv = 1.0 / sum;
-                        for x in row.iter_mut() {
-                            *x *= inv;
-                        }
-                        unsafe { *lp.0.add((bi * h + hi) * s + i) = m + sum.ln() };
-                    }
+                    // SAFETY: this task owns the lse rows of head hi.
+                    let lse_rows = unsafe {
+                        std::slice::from_raw_parts_mut(lp.0.add((bi * h + hi) * s + i0), nq)
+                    };
+                    softmax_block(pb, nk, i0, lo, sh.window, scale, lse_rows);
                     // out[i0..i1, head hi] = P · v[lo..hi_k, head g]
                     unsafe {
                         mm(
-                            (i1 - i0, hd, nk),
+                            (nq, hd, nk),
                             op.0.add((row0 + i0) * qs + hi * hd),
                             qs,
                             false,
-                            p.as_ptr(),
+                            pb.as_ptr(),
                             (nk, 1),
                             vv[(row0 + lo) * ks + g * hd..].as_ptr(),
                             (ks, 1),
@@ -512,27 +700,22 @@ impl LlamaBackend for Flex {
         let scale = sh.scale as f32;
         let (qv, kv, vv, cv, sv) = (vals(&q), vals(&k), vals(&v), vals(&cos), vals(&sin));
         let (ov, lv, dov) = (vals(&out), vals(&lse), vals(&dout));
-        let mut dq = vec![0f32; b * s * qs];
-        let mut dk = vec![0f32; b * s * ks];
-        let mut dv = vec![0f32; b * s * ks];
+        let mut dq = Vec::<f32>::with_capacity(b * s * qs);
+        let mut dk = Vec::<f32>::with_capacity(b * s * ks);
+        let mut dv = Vec::<f32>::with_capacity(b * s * ks);
         let ptrs = (
-            Shared(dq.as_mut_ptr()),
-            Shared(dk.as_mut_ptr()),
-            Shared(dv.as_mut_ptr()),
+            Shared(dq.spare_capacity_mut().as_mut_ptr().cast()),
+            Shared(dk.spare_capacity_mut().as_mut_ptr().cast()),
+            Shared(dv.spare_capacity_mut().as_mut_ptr().cast()),
         );
+        // Tasks as in the forward; each writes its heads' columns of dq and its K/V head's
+        // columns of dk and dv, every row.
         (0..b * kvh).into_par_iter().for_each(|task| {
             let (dqp, dkp, dvp) = ptrs;
             let (bi, g) = (task / kvh, task % kvh);
             let row0 = bi * s;
-            let rope_rows = |src: &[f32], stride: usize, col: usize, dst: &mut [f32]| {
-                for t in 0..s {
-                    let x = &src[(row0 + t) * stride + col..][..hd];
-                    let (c, sn) = (&cv[t * hd..][..hd], &sv[t * hd..][..hd]);
-                    rope_row(x, c, sn, &mut dst[t * hd..][..hd]);
-                }
-            };
             let mut kr = vec![0f32; s * hd];
-            rope_rows(kv, ks, g * hd, &mut kr);
+            rope_rows(&kv[row0 * ks + g * hd..], ks, hd, cv, sv, &mut kr);
             let mut qr = vec![0f32; s * hd];
             let mut dkr = vec![0f32; s * hd];
             let mut dvg = vec![0f32; s * hd];
@@ -541,17 +724,18 @@ impl LlamaBackend for Flex {
             let mut dp = vec![0f32; ATT_BLOCK * s];
             let vg = vv[row0 * ks + g * hd..].as_ptr();
             for hi in g * rep..(g + 1) * rep {
-                rope_rows(qv, qs, hi * hd, &mut qr);
+                rope_rows(&qv[row0 * qs + hi * hd..], qs, hd, cv, sv, &mut qr);
                 let dog = dov[row0 * qs + hi * hd..].as_ptr();
                 for i0 in (0..s).step_by(ATT_BLOCK) {
                     let i1 = (i0 + ATT_BLOCK).min(s);
                     let (lo, hi_k) = key_range(i0, i1, sh.window);
                     let (nq, nk) = (i1 - i0, hi_k - lo);
+                    let (pb, dpb) = (&mut p[..nq * nk], &mut dp[..nq * nk]);
                     unsafe {
-                        // P = exp(scale · qr krᵀ − lse), recomputed.
+                        // scores again (P is recomputed from them and the saved lse)
                         mm(
                             (nq, nk, hd),
-                            p.as_mut_ptr(),
+                            pb.as_mut_ptr(),
                             nk,
                             false,
                             qr[i0 * hd..].as_ptr(),
@@ -563,7 +747,7 @@ impl LlamaBackend for Flex {
                         // dP = dO · vᵀ
                         mm(
                             (nq, nk, hd),
-                            dp.as_mut_ptr(),
+                            dpb.as_mut_ptr(),
                             nk,
                             false,
                             dog.add(i0 * qs),
@@ -573,23 +757,21 @@ impl LlamaBackend for Flex {
                             false,
                         );
                     }
-                    for i in i0..i1 {
-                        let l = lv[(bi * h + hi) * s + i];
-                        let o = &ov[(row0 + i) * qs + hi * hd..][..hd];
-                        let d_o = &dov[(row0 + i) * qs + hi * hd..][..hd];
-                        let di = dot(o, d_o);
-                        let pr = &mut p[(i - i0) * nk..][..nk];
-                        let dpr = &mut dp[(i - i0) * nk..][..nk];
-                        for jj in 0..nk {
-                            let pij = if visible(i, lo + jj, sh.window) {
-                                exp(pr[jj] * scale - l)
-                            } else {
-                                0.0
-                            };
-                            pr[jj] = pij;
-                            dpr[jj] = pij * (dpr[jj] - di) * scale; // dS
-                        }
-                    }
+                    let head = (row0 + i0) * qs + hi * hd;
+                    ds_block(
+                        pb,
+                        dpb,
+                        nk,
+                        i0,
+                        lo,
+                        sh.window,
+                        scale,
+                        &lv[(bi * h + hi) * s + i0..],
+                        &ov[head..],
+                        &dov[head..],
+                        qs,
+                        hd,
+                    );
                     unsafe {
                         // dqr[i0..i1] = dS · kr
                         mm(
@@ -597,7 +779,7 @@ impl LlamaBackend for Flex {
                             dqr[i0 * hd..].as_mut_ptr(),
                             hd,
                             false,
-                            dp.as_ptr(),
+                            dpb.as_ptr(),
                             (nk, 1),
                             kr[lo * hd..].as_ptr(),
                             (hd, 1),
@@ -609,7 +791,7 @@ impl LlamaBackend for Flex {
                             dkr[lo * hd..].as_mut_ptr(),
                             hd,
                             true,
-                            dp.as_ptr(),
+                            dpb.as_ptr(),
                             (1, nk),
                             qr[i0 * hd..].as_ptr(),
                             (hd, 1),
@@ -621,7 +803,7 @@ impl LlamaBackend for Flex {
                             dvg[lo * hd..].as_mut_ptr(),
                             hd,
                             true,
-                            p.as_ptr(),
+                            pb.as_ptr(),
                             (1, nk),
                             dog.add(i0 * qs),
                             (qs, 1),
@@ -629,23 +811,23 @@ impl LlamaBackend for Flex {
                         );
                     }
                 }
-                for t in 0..s {
-                    let (c, sn) = (&cv[t * hd..][..hd], &sv[t * hd..][..hd]);
-                    let dst = unsafe {
-                        std::slice::from_raw_parts_mut(dqp.0.add((row0 + t) * qs + hi * hd), hd)
-                    };
-                    rope_t_row(&dqr[t * hd..][..hd], c, sn, dst);
-                }
+                let dst = Shared(unsafe { dqp.0.add(row0 * qs + hi * hd) });
+                rope_t_rows(&dqr, hd, cv, sv, dst, qs);
             }
+            let off = row0 * ks + g * hd;
+            rope_t_rows(&dkr, hd, cv, sv, Shared(unsafe { dkp.0.add(off) }), ks);
             for t in 0..s {
-                let (c, sn) = (&cv[t * hd..][..hd], &sv[t * hd..][..hd]);
-                let off = (row0 + t) * ks + g * hd;
-                let dkd = unsafe { std::slice::from_raw_parts_mut(dkp.0.add(off), hd) };
-                rope_t_row(&dkr[t * hd..][..hd], c, sn, dkd);
-                let dvd = unsafe { std::slice::from_raw_parts_mut(dvp.0.add(off), hd) };
+                // SAFETY: this task owns these hd elements of row t of dv.
+                let dvd = unsafe { std::slice::from_raw_parts_mut(dvp.0.add(off + t * ks), hd) };
                 dvd.copy_from_slice(&dvg[t * hd..][..hd]);
             }
         });
+        // SAFETY: the tasks wrote every element (all rows × all head columns).
+        unsafe {
+            dq.set_len(b * s * qs);
+            dk.set_len(b * s * ks);
+            dv.set_len(b * s * ks);
+        }
         [
             tensor(dq, vec![b * s, qs]),
             tensor(dk, vec![b * s, ks]),
@@ -679,11 +861,8 @@ impl LlamaBackend for Flex {
                         continue;
                     }
                     let x = &lv[row * v..][..v];
-                    let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                    let sum: f32 = sum_exp(x, m);
-                    *l = m + sum.ln();
-                    let target = target_of(&ids, row, v);
-                    loss += (w * (*l - x[target])) as f64;
+                    *l = lse_row(x);
+                    loss += (w * (*l - x[target_of(&ids, row, v)])) as f64;
                 }
                 loss
             })
@@ -709,27 +888,11 @@ impl LlamaBackend for Flex {
             if w == 0.0 {
                 return;
             }
-            let (x, l) = (&lv[row * v..][..v], lsev[row]);
-            for j in 0..v {
-                dr[j] = w * exp(x[j] - l);
-            }
+            softmax_scaled_row(&lv[row * v..][..v], lsev[row], w, dr);
             dr[target_of(&ids, row, v)] -= w;
         });
         tensor(d, shape)
     }
-}
-
-/// `Σ exp(x − m)` with independent lanes (vectorises).
-fn sum_exp(x: &[f32], m: f32) -> f32 {
-    let mut acc = [0f32; 16];
-    let c = x.chunks_exact(16);
-    let rest = c.remainder();
-    for ch in c {
-        for i in 0..16 {
-            acc[i] += exp(ch[i] - m);
-        }
-    }
-    acc.iter().sum::<f32>() + rest.iter().map(|&a| exp(a - m)).sum::<f32>()
 }
 
 /// Weight of row `row` (position `t` of its sequence) in the causal-LM loss:
