@@ -16,11 +16,12 @@ use anyhow::{Result, bail};
 use llama_pro::core::LlamaConfig;
 use llama_pro::core::burn::backend::{Autodiff, Flex};
 use llama_pro::core::burn::module::AutodiffModule;
-use llama_pro::core::burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use llama_pro::core::burn::optim::{GradientsParams, Optimizer};
 use llama_pro::core::burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use llama_pro::core::expand::{ExpansionPlan, expand_model};
 use llama_pro::core::freeze::{Selection, set_trainable};
 use llama_pro::core::model::{LlamaForCausalLM, causal_lm_loss_sum};
+use llama_pro::train::optim::FusedAdamW;
 
 use llama_pro::core::burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 
@@ -113,11 +114,8 @@ fn bench<B: llama_pro::core::LlamaAutodiffBackend>(
         .collect();
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, seq]), &device);
     let mask = Tensor::<B, 2>::ones([batch, seq], &device);
-    let mut optim = AdamWConfig::new()
-        .with_beta_2(0.95)
-        .with_epsilon(1e-8)
-        .with_weight_decay(0.1)
-        .init::<B, LlamaForCausalLM<B>>();
+    // The trainer's optimizer (AdamW, fused on the CPU).
+    let mut optim = FusedAdamW::new(0.9, 0.95, 1e-8, 0.1).init::<B, LlamaForCausalLM<B>>();
     let mut times = Vec::new();
     // Per-phase times (Flex is eager, so a phase's ops are done when its call returns; on GPU
     // backends the split is only indicative).

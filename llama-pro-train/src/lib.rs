@@ -14,6 +14,7 @@ pub mod demo;
 pub mod error;
 pub mod eval;
 pub mod flops;
+pub mod optim;
 pub mod plot;
 pub mod schedule;
 pub mod tokenizer_train;

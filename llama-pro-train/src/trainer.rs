@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
+
+use crate::optim::FusedAdamW;
 use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
@@ -43,7 +45,7 @@ fn stable_id(name: &str) -> ParamId {
     ParamId::from(h)
 }
 
-type Optim<B> = burn::optim::adaptor::OptimizerAdaptor<burn::optim::AdamW, LlamaForCausalLM<B>, B>;
+type Optim<B> = burn::optim::adaptor::OptimizerAdaptor<FusedAdamW, LlamaForCausalLM<B>, B>;
 /// burn's optimizer state: per-`ParamId` moments and step counts.
 type OptRecord<B> = <Optim<B> as Optimizer<LlamaForCausalLM<B>, B>>::Record;
 
@@ -355,14 +357,15 @@ pub fn train<B: llama_pro_core::LlamaAutodiffBackend>(
     };
     let mfu_of = |tps: f64| peak_flops.as_ref().map(|(p, _)| tps * flops_per_token / p);
     let adamw = |wd: f64| {
-        AdamWConfig::new()
-            .with_beta_1(cfg.adam_beta1 as f32)
-            .with_beta_2(cfg.adam_beta2 as f32)
-            .with_epsilon(cfg.adam_eps as f32)
-            .with_weight_decay(wd as f32)
+        let (b1, b2, eps) = (
+            cfg.adam_beta1 as f32,
+            cfg.adam_beta2 as f32,
+            cfg.adam_eps as f32,
+        );
+        FusedAdamW::new(b1, b2, eps, wd as f32).init::<B, LlamaForCausalLM<B>>()
     };
-    let mut opt_decay = adamw(cfg.weight_decay).init::<B, LlamaForCausalLM<B>>();
-    let mut opt_plain = adamw(0.0).init::<B, LlamaForCausalLM<B>>();
+    let mut opt_decay = adamw(cfg.weight_decay);
+    let mut opt_plain = adamw(0.0);
 
     let ckpt_root = cfg.output.join("checkpoints");
     std::fs::create_dir_all(&cfg.output).map_err(|source| TrainError::Io {
@@ -1043,7 +1046,7 @@ fn load_trainable<B: AutodiffBackend>(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn save_checkpoint<B: AutodiffBackend>(
+fn save_checkpoint<B: llama_pro_core::LlamaAutodiffBackend>(
     root: &Path,
     model: &LlamaForCausalLM<B>,
     summary: &TrainableSummary,

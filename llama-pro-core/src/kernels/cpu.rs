@@ -13,7 +13,7 @@ use burn::backend::flex::FlexTensor;
 use burn::tensor::{DType, TensorData};
 use rayon::prelude::*;
 
-use super::{AttentionShape, LlamaBackend};
+use super::{AdamWStep, AttentionShape, LlamaBackend};
 
 /// Rows per parallel chunk for row-wise kernels: a few chunks per thread.
 fn rows_per_chunk(rows: usize) -> usize {
@@ -415,6 +415,47 @@ simd_fn! {
 }
 
 simd_fn! {
+    /// AdamW on a chunk (see [`LlamaBackend::adamw_kernel`]); `first`: no moments yet.
+    fn adamw_chunk(p: &[f32], g: &[f32], m: &[f32], v: &[f32], first: bool, h: AdamWStep, po: &mut [f32], mo: &mut [f32], vo: &mut [f32]) {
+        let n = po.len();
+        let (p, g, mo, vo) = (&p[..n], &g[..n], &mut mo[..n], &mut vo[..n]);
+        let (f1, f2) = (1.0 - h.beta_1, 1.0 - h.beta_2);
+        let c1 = 1f32 - h.beta_1.powi(h.time as i32);
+        let c2 = 1f32 - h.beta_2.powi(h.time as i32);
+        let decay_rate = h.lr * h.weight_decay as f64;
+        let (keep, lr) = ((1.0 - decay_rate) as f32, h.lr as f32);
+        let update = |p: f32, mi: f32, vi: f32| {
+            let delta = (mi / c1) / ((vi / c2).sqrt() + h.epsilon);
+            let decayed = if decay_rate == 0.0 { p } else { p * keep };
+            decayed - delta * lr
+        };
+        if first {
+            for i in 0..n {
+                let gi = g[i];
+                (mo[i], vo[i]) = (gi * f1, gi * gi * f2);
+                po[i] = update(p[i], mo[i], vo[i]);
+            }
+        } else {
+            let (m, v) = (&m[..n], &v[..n]);
+            for i in 0..n {
+                let gi = g[i];
+                (mo[i], vo[i]) = (m[i] * h.beta_1 + gi * f1, v[i] * h.beta_2 + gi * gi * f2);
+                po[i] = update(p[i], mo[i], vo[i]);
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// `x ← w · softmax(x)` from the row's log-sum-exp `l`.
+    fn softmax_scaled_in_place(x: &mut [f32], l: f32, w: f32) {
+        for v in x.iter_mut() {
+            *v = w * exp(*v - l);
+        }
+    }
+}
+
+simd_fn! {
     /// log-sum-exp of a row.
     fn lse_row(x: &[f32]) -> f32 {
         let m = max_of(x);
@@ -458,7 +499,7 @@ impl LlamaBackend for Flex {
     }
 
     fn linear_backward_kernel(
-        x: FlexTensor,
+        x: Option<FlexTensor>,
         w: FlexTensor,
         dy: FlexTensor,
         need: [bool; 2],
@@ -482,7 +523,7 @@ impl LlamaBackend for Flex {
             });
             tensor(dx, vec![n, k])
         });
-        let dw = need[1].then(|| {
+        let dw = x.filter(|_| need[1]).map(|x| {
             // dw[m, k] = dyᵀ[m, n] · x[n, k], in HF's [out, in] layout directly.
             let x = contig(x);
             let dw = written(m * k, |dw| unsafe {
@@ -835,6 +876,54 @@ impl LlamaBackend for Flex {
         ]
     }
 
+    fn adamw_kernel(
+        param: FlexTensor,
+        grad: FlexTensor,
+        moments: Option<(FlexTensor, FlexTensor)>,
+        step: AdamWStep,
+    ) -> Option<[FlexTensor; 3]> {
+        let mut inputs = vec![&param, &grad];
+        if let Some((m, v)) = &moments {
+            inputs.extend([m, v]);
+        }
+        if !is_f32(&inputs) {
+            return None;
+        }
+        let shape = dims(&param);
+        let (p, g) = (contig(param), contig(grad));
+        let (m, v) = match moments {
+            Some((m, v)) => (Some(contig(m)), Some(contig(v))),
+            None => (None, None),
+        };
+        let (pv, gv) = (vals(&p), vals(&g));
+        let (mv, vv) = (
+            m.as_ref().map_or(&[][..], vals),
+            v.as_ref().map_or(&[][..], vals),
+        );
+        let n = pv.len();
+        let (mut po, mut mo, mut vo) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+        const C: usize = 1 << 14;
+        let first = m.is_none();
+        po.par_chunks_mut(C)
+            .zip(mo.par_chunks_mut(C))
+            .zip(vo.par_chunks_mut(C))
+            .enumerate()
+            .for_each(|(c, ((pc, mc), vc))| {
+                let o = c * C;
+                let (ms, vs) = if first {
+                    (&[][..], &[][..])
+                } else {
+                    (&mv[o..], &vv[o..])
+                };
+                adamw_chunk(&pv[o..], &gv[o..], ms, vs, first, step, pc, mc, vc);
+            });
+        Some([
+            tensor(po, shape.clone()),
+            tensor(mo, shape.clone()),
+            tensor(vo, shape),
+        ])
+    }
+
     fn causal_ce_kernel(
         logits: FlexTensor,
         ids: FlexTensor,
@@ -877,19 +966,41 @@ impl LlamaBackend for Flex {
         lse: FlexTensor,
         dloss: FlexTensor,
     ) -> FlexTensor {
-        let (logits, mask, lse, dloss) = (contig(logits), contig(mask), contig(lse), contig(dloss));
+        let (mut logits, mask, lse, dloss) =
+            (contig(logits), contig(mask), contig(lse), contig(dloss));
         let shape = dims(&logits);
         let (s, v) = (shape[1], shape[2]);
         let ids = int_values(ids);
-        let (lv, mv, lsev, g) = (vals(&logits), vals(&mask), vals(&lse), vals(&dloss)[0]);
+        let (mv, lsev, g) = (vals(&mask), vals(&lse), vals(&dloss)[0]);
+        let weight = |row: usize| pair_weight(mv, row, s) * g;
+        // The logits are usually referenced only by this backward step: overwrite them with
+        // their gradient instead of allocating another `[tokens, vocab]` buffer (the largest
+        // activation of a small model: 32 MiB for the M benchmark).
+        let n = shape.iter().product::<usize>();
+        let whole = logits.layout().start_offset() == 0;
+        if let Some(buf) = logits
+            .try_storage_mut::<f32>()
+            .filter(|b| whole && b.len() == n)
+        {
+            buf.par_chunks_mut(v).enumerate().for_each(|(row, xr)| {
+                let w = weight(row);
+                if w == 0.0 {
+                    xr.fill(0.0);
+                } else {
+                    softmax_scaled_in_place(xr, lsev[row], w);
+                    xr[target_of(&ids, row, v)] -= w;
+                }
+            });
+            return logits;
+        }
+        let lv = vals(&logits);
         let mut d = vec![0f32; lv.len()];
         d.par_chunks_mut(v).enumerate().for_each(|(row, dr)| {
-            let w = pair_weight(mv, row, s) * g;
-            if w == 0.0 {
-                return;
+            let w = weight(row);
+            if w != 0.0 {
+                softmax_scaled_row(&lv[row * v..][..v], lsev[row], w, dr);
+                dr[target_of(&ids, row, v)] -= w;
             }
-            softmax_scaled_row(&lv[row * v..][..v], lsev[row], w, dr);
-            dr[target_of(&ids, row, v)] -= w;
         });
         tensor(d, shape)
     }

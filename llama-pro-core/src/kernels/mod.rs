@@ -87,6 +87,23 @@ pub struct AttentionShape {
     pub window: Option<usize>,
 }
 
+/// Hyper-parameters of one AdamW update ([`LlamaBackend::adamw_kernel`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWStep {
+    /// Learning rate.
+    pub lr: f64,
+    /// β₁.
+    pub beta_1: f32,
+    /// β₂.
+    pub beta_2: f32,
+    /// ε (added to `sqrt(v̂)`).
+    pub epsilon: f32,
+    /// Decoupled weight decay.
+    pub weight_decay: f32,
+    /// Step number after this update (1 on the first).
+    pub time: usize,
+}
+
 /// A burn backend the LLaMA modules can run on: the five operations below, each with a
 /// composed default and an optional fused kernel (the `*_kernel` methods return `None` when the
 /// backend has none for the given inputs).
@@ -186,10 +203,11 @@ pub trait LlamaBackend: Backend {
     fn linear_kernel(_x: FloatTensor<Self>, _w: FloatTensor<Self>) -> Option<FloatTensor<Self>> {
         None
     }
-    /// Gradients `[dx, dw]` of [`Self::lp_linear`] (each only when `need` says so). Called only
-    /// after [`Self::linear_kernel`] returned `Some` for the same inputs.
+    /// Gradients `[dx, dw]` of [`Self::lp_linear`] (each only when `need` says so; `x` is
+    /// given when `dw` is needed). Called only after [`Self::linear_kernel`] returned `Some`
+    /// for the same inputs.
     fn linear_backward_kernel(
-        _x: FloatTensor<Self>,
+        _x: Option<FloatTensor<Self>>,
         _w: FloatTensor<Self>,
         _dy: FloatTensor<Self>,
         _need: [bool; 2],
@@ -265,6 +283,18 @@ pub trait LlamaBackend: Backend {
     ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
         None
     }
+    /// One AdamW update of a parameter, fused: returns the new parameter, first and second
+    /// moments (`m`, `v` are `None` on the first step). The arithmetic is burn's `AdamW`
+    /// (decoupled weight decay `p·(1 − lr·wd)`, bias corrections `1 − βᵗ` in f32).
+    fn adamw_kernel(
+        _param: FloatTensor<Self>,
+        _grad: FloatTensor<Self>,
+        _moments: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+        _step: AdamWStep,
+    ) -> Option<[FloatTensor<Self>; 3]> {
+        None
+    }
+
     /// Gradient of the logits of [`Self::lp_causal_ce`] for an upstream gradient `dloss` (`[1]`).
     fn causal_ce_backward_kernel(
         _logits: FloatTensor<Self>,
@@ -334,12 +364,15 @@ fn give<B: Backend>(grads: &mut Gradients, parent: Option<NodeId>, g: Option<Flo
 #[derive(Debug)]
 struct LinearStep;
 impl<B: LlamaBackend> Backward<B, 2> for LinearStep {
-    type State = (FloatTensor<B>, FloatTensor<B>);
+    /// The input (kept only when the weight trains: a frozen layer's backward needs just the
+    /// weight) and the weight.
+    type State = (Option<FloatTensor<B>>, FloatTensor<B>);
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [px, pw] = ops.parents;
         let dy = grads.consume::<B>(&ops.node);
         let (x, w) = ops.state;
-        let [dx, dw] = B::linear_backward_kernel(x, w, dy, [px.is_some(), pw.is_some()]);
+        let need = [px.is_some(), pw.is_some() && x.is_some()];
+        let [dx, dw] = B::linear_backward_kernel(x, w, dy, need);
         give::<B>(grads, px.as_ref().map(|n| n.id), dx);
         give::<B>(grads, pw.as_ref().map(|n| n.id), dw);
     }
@@ -409,12 +442,11 @@ impl<B: LlamaBackend, C: CheckpointStrategy> LlamaBackend for Ad<B, C> {
     fn lp_linear(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {
         let (xa, wa) = (fp(x.clone()), fp(w.clone()));
         match B::linear_kernel(xa.primitive.clone(), wa.primitive.clone()) {
-            Some(y) => tp(record::<B, C, _, 2>(
-                LinearStep,
-                [&xa, &wa],
-                (xa.primitive.clone(), wa.primitive.clone()),
-                y,
-            )),
+            Some(y) => {
+                let keep_x = (!wa.node.requirement.is_none()).then(|| xa.primitive.clone());
+                let state = (keep_x, wa.primitive.clone());
+                tp(record::<B, C, _, 2>(LinearStep, [&xa, &wa], state, y))
+            }
             None => composed::linear(x, w),
         }
     }
