@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Ours vs PyTorch on the same training step, same machine, one run.
 
-    python3 benches/compare_torch.py [--cases S M] [--modes full pro] [--rounds 2] [--steps 10]
+    python3 benches/compare_torch.py [--cases S M] [--modes full pro forward generate] [--rounds 3] [--steps 10]
 
 Creates its own venv (benches/.venv, from scripts/requirements.txt: torch 2.15, transformers 5.23)
 on first use, builds `cargo run --release --example bench_step`, then alternates ours and torch
@@ -12,7 +12,8 @@ The PyTorch step is the identical model: transformers' LlamaForCausalLM (sdpa at
 same configuration, expanded the same way (groups of 4 blocks, one zero-initialised copy after
 each), the same freezing (`pro`: only the new blocks require grad), mean cross-entropy,
 `torch.optim.AdamW(lr 1e-4, betas (0.9, 0.95), eps 1e-8, weight_decay 0.1)` on the trainable
-parameters.
+parameters. `forward`: the same model, loss without gradients. `generate`: greedy decoding with the KV
+cache (transformers' `generate`, batch 1, 16-token prompt, 112 new tokens; tokens/s counts new tokens).
 """
 
 import argparse
@@ -26,6 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / "benches" / ".venv"
+
+GEN_TOKENS = 112  # generate mode: new tokens per step (greedy, KV cache, batch 1, 16-token prompt)
 
 CASES = {
     "S": dict(vocab=4096, hidden=256, inter=688, layers=4, heads=4, seq=128, batch=8),
@@ -80,11 +83,18 @@ def torch_child(case, mode, steps, warmup, threads):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     n = c["batch"] * c["seq"]
+    prompt = (torch.arange(16, dtype=torch.int64) * 2654435761 % c["vocab"]).reshape(1, 16)
     ids = (torch.arange(n, dtype=torch.int64) * 2654435761 % c["vocab"]).reshape(c["batch"], c["seq"])
     times, losses = [], []
     for i in range(warmup + steps):
         t = time.perf_counter()
-        if mode == "forward":
+        if mode == "generate":
+            with torch.no_grad():
+                out = model.generate(prompt, max_new_tokens=GEN_TOKENS, min_new_tokens=GEN_TOKENS,
+                                     do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None)
+            assert out.shape[1] == prompt.shape[1] + GEN_TOKENS
+            loss = torch.tensor(float("nan"))
+        elif mode == "forward":
             with torch.no_grad():
                 loss = model(input_ids=ids, labels=ids).loss
         else:
@@ -96,8 +106,9 @@ def torch_child(case, mode, steps, warmup, threads):
         if i >= warmup:
             times.append(time.perf_counter() - t)
     med = statistics.median(times)
+    n = GEN_TOKENS if mode == "generate" else n
     print(json.dumps({"impl": "torch", "case": case, "mode": mode, "params": sum(p.numel() for p in model.parameters()),
-                      "trainable": sum(p.numel() for p in params) if mode != "forward" else 0,
+                      "trainable": sum(p.numel() for p in params) if mode in ("full", "pro") else 0,
                       "tokens_per_step": n, "median_step_s": med, "tokens_per_s": n / med,
                       "peak_rss_mb": peak_rss_mb(), "loss_first": losses[0], "loss_last": losses[-1],
                       "threads": threads, "torch": torch.__version__}))

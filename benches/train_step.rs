@@ -1,110 +1,142 @@
-//! Training-step benchmarks on the CPU backend (f32, 1,024 tokens per step).
+//! Criterion benchmarks on the CPU backend (f32): the training step, forward-only and
+//! generation, for the two configurations of the performance issue.
 //!
-//! Configuration S of the performance issue: vocab 4096, hidden 256, FFN 688, 4 layers, 4 heads,
-//! seq 128, batch 8, expanded interleaved to 8 layers (N = 4, P = 1). Cases:
-//! - `fwd_bwd/full`: forward + backward with every parameter trainable;
-//! - `fwd_bwd/pro`:  the same with only the new blocks trainable (LLaMA Pro): no weight gradients
-//!   for frozen parameters and no backward work below the lowest new block;
-//! - `step/full`, `step/pro`: the same plus an AdamW update.
+//! - S: vocab 4096, hidden 256, FFN 688, 4 layers, 4 heads, seq 128, batch 8;
+//! - M: vocab 8192, hidden 512, FFN 1376, 8 layers, 8 heads, seq 256, batch 4;
 //!
-//!     cargo bench --bench train_step
+//! each expanded interleaved with one copy per 4 blocks (S: 5 layers, M: 10), 1,024 tokens per
+//! step. Cases per configuration:
+//! - `step/full`: forward, cross-entropy, backward, AdamW with every parameter trainable;
+//! - `step/pro`: the same with only the new blocks trainable (LLaMA Pro);
+//! - `forward`: logits and loss without gradients;
+//! - `generate`: greedy decoding with the KV cache, batch 1, 16-token prompt, 32 new tokens.
 //!
-//! Throughput is reported in tokens (elements) per second.
+//!     cargo bench --bench train_step              # all
+//!     cargo bench --bench train_step -- S/        # one configuration
+//!
+//! Throughput is in tokens (elements) per second. `benches/compare_torch.py` runs the same
+//! steps in PyTorch in the same session and prints the ratio.
 
 use burn::backend::{Autodiff, Flex};
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::module::AutodiffModule;
+use burn::optim::{GradientsParams, Optimizer};
 use burn::tensor::{Int, Tensor, TensorData};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use llama_pro::core::LlamaConfig;
 use llama_pro::core::expand::{ExpansionPlan, expand_model};
 use llama_pro::core::freeze::{Selection, set_trainable};
+use llama_pro::core::generate::{GenerationConfig, generate};
 use llama_pro::core::model::{LlamaForCausalLM, causal_lm_loss_sum};
+use llama_pro::train::optim::FusedAdamW;
 
 type B = Autodiff<Flex>;
-const BATCH: usize = 8;
-const SEQ: usize = 128;
 
-fn config_s() -> LlamaConfig {
-    let mut c = LlamaConfig::tiny(4096);
-    c.hidden_size = 256;
-    c.intermediate_size = 688;
-    c.num_hidden_layers = 4;
-    c.num_attention_heads = 4;
-    c.num_key_value_heads = 4;
-    c.head_dim = 64;
-    c
+struct Case {
+    name: &'static str,
+    config: LlamaConfig,
+    batch: usize,
+    seq: usize,
 }
 
-fn models() -> (LlamaForCausalLM<B>, LlamaForCausalLM<B>) {
-    let device = Default::default();
-    let base = config_s().init::<B>(&device, 0);
-    let (expanded, map) = expand_model(
-        base,
-        &ExpansionPlan::Interleaved {
-            groups: 4,
-            copies: 1,
+fn cases() -> [Case; 2] {
+    let make = |vocab, hidden, ffn, layers, heads| {
+        let mut c = LlamaConfig::tiny(vocab);
+        c.hidden_size = hidden;
+        c.intermediate_size = ffn;
+        c.num_hidden_layers = layers;
+        c.num_attention_heads = heads;
+        c.num_key_value_heads = heads;
+        c.head_dim = hidden / heads;
+        c.max_position_embeddings = 4096;
+        c
+    };
+    [
+        Case {
+            name: "S",
+            config: make(4096, 256, 688, 4, 4),
+            batch: 8,
+            seq: 128,
         },
-        None,
-    )
-    .unwrap();
-    let (full, _) =
-        set_trainable(expanded.clone(), &Selection::parse("all").unwrap(), &map).unwrap();
-    let (pro, _) = set_trainable(expanded, &Selection::parse("expanded").unwrap(), &map).unwrap();
-    (full, pro)
+        Case {
+            name: "M",
+            config: make(8192, 512, 1376, 8, 8),
+            batch: 4,
+            seq: 256,
+        },
+    ]
 }
 
-fn batch() -> (Tensor<B, 2, Int>, Tensor<B, 2>) {
+fn model(case: &Case, selection: &str) -> LlamaForCausalLM<B> {
     let device = Default::default();
-    let ids: Vec<i64> = (0..BATCH * SEQ)
-        .map(|i| ((i * 2654435761) % 4096) as i64)
+    let base = case.config.init::<B>(&device, 0);
+    let groups = case.config.num_hidden_layers / 4;
+    let plan = ExpansionPlan::Interleaved { groups, copies: 1 };
+    let (expanded, map) = expand_model(base, &plan, None).unwrap();
+    set_trainable(expanded, &Selection::parse(selection).unwrap(), &map)
+        .unwrap()
+        .0
+}
+
+fn batch(case: &Case) -> (Tensor<B, 2, Int>, Tensor<B, 2>) {
+    let device = Default::default();
+    let (b, s, v) = (case.batch, case.seq, case.config.vocab_size as u64);
+    let ids: Vec<i64> = (0..b * s)
+        .map(|i| ((i as u64 * 2654435761) % v) as i64)
         .collect();
     (
-        Tensor::from_data(TensorData::new(ids, [BATCH, SEQ]), &device),
-        Tensor::ones([BATCH, SEQ], &device),
+        Tensor::from_data(TensorData::new(ids, [b, s]), &device),
+        Tensor::ones([b, s], &device),
     )
-}
-
-fn loss(model: &LlamaForCausalLM<B>, ids: &Tensor<B, 2, Int>, mask: &Tensor<B, 2>) -> Tensor<B, 1> {
-    let (s, c) = causal_lm_loss_sum(model.forward(ids.clone()), ids.clone(), mask.clone());
-    s / c
 }
 
 fn bench(c: &mut Criterion) {
-    let (full, pro) = models();
-    let (ids, mask) = batch();
-    let mut g = c.benchmark_group("fwd_bwd");
-    g.sample_size(10)
-        .throughput(Throughput::Elements((BATCH * SEQ) as u64));
-    for (name, m) in [("full", &full), ("pro", &pro)] {
-        g.bench_function(name, |b| {
-            b.iter(|| {
-                let grads = loss(m, &ids, &mask).backward();
-                std::hint::black_box(grads);
+    llama_pro::core::device::tune_allocator();
+    for case in cases() {
+        let tokens = (case.batch * case.seq) as u64;
+        let (ids, mask) = batch(&case);
+        let mut g = c.benchmark_group(format!("{}/step", case.name));
+        g.sample_size(10).throughput(Throughput::Elements(tokens));
+        for (name, selection) in [("full", "all"), ("pro", "expanded")] {
+            let mut m = Some(model(&case, selection));
+            let mut optim = FusedAdamW::new(0.9, 0.95, 1e-8, 0.1).init::<B, LlamaForCausalLM<B>>();
+            g.bench_function(name, |bch| {
+                bch.iter(|| {
+                    let cur = m.take().unwrap();
+                    let (s, n) = causal_lm_loss_sum(cur.forward(ids.clone()), ids.clone(), mask.clone());
+                    let grads = GradientsParams::from_grads((s / n).backward(), &cur);
+                    m = Some(optim.step(1e-4, cur, grads));
+                })
+            });
+        }
+        g.finish();
+
+        let inner = model(&case, "all").valid();
+        let (ids_i, mask_i) = (ids.clone().inner(), mask.clone().inner());
+        let mut g = c.benchmark_group(format!("{}/forward", case.name));
+        g.sample_size(10).throughput(Throughput::Elements(tokens));
+        g.bench_function("loss", |bch| {
+            bch.iter(|| {
+                let (s, n) =
+                    causal_lm_loss_sum(inner.forward(ids_i.clone()), ids_i.clone(), mask_i.clone());
+                std::hint::black_box((s / n).into_scalar())
             })
         });
-    }
-    g.finish();
-    let mut g = c.benchmark_group("step");
-    g.sample_size(10)
-        .throughput(Throughput::Elements((BATCH * SEQ) as u64));
-    for (name, m) in [("full", full), ("pro", pro)] {
-        let mut model = Some(m);
-        let mut optim = AdamWConfig::new()
-            .with_weight_decay(0.1)
-            .with_epsilon(1e-8)
-            .init::<B, LlamaForCausalLM<B>>();
-        g.bench_function(name, |b| {
-            b.iter(|| {
-                let m = model.take().unwrap();
-                let grads = GradientsParams::from_grads(loss(&m, &ids, &mask).backward(), &m);
-                let m = optim.step(1e-4, m, grads);
-                // Sync so that lazy work is inside the measurement.
-                let _ = m.model.norm.weight.val().into_data();
-                model = Some(m);
-            })
+        g.finish();
+
+        let new_tokens = 32;
+        let cfg = GenerationConfig {
+            max_new_tokens: new_tokens,
+            ..GenerationConfig::default()
+        };
+        let prompt: Vec<u32> = (0..16u32).collect();
+        let mut g = c.benchmark_group(format!("{}/generate", case.name));
+        g.sample_size(10)
+            .throughput(Throughput::Elements(new_tokens as u64));
+        g.bench_function("kv_cache", |bch| {
+            bch.iter(|| generate(&inner, &prompt, &cfg, &Default::default(), |_| {}).unwrap())
         });
+        g.finish();
     }
-    g.finish();
 }
 
 criterion_group!(benches, bench);

@@ -7,7 +7,8 @@
 //! seq 128, batch 8; M = vocab 8192, hidden 512, FFN 1376, 8 layers, 8 heads, seq 256, batch 4.
 //! Both expanded interleaved with groups of 4 blocks and one copy each (S: 4 → 5 layers,
 //! M: 8 → 10, the paper's 4 → 5 ratio). Modes: `full` (every parameter of the expanded model
-//! trains), `pro` (only the new blocks), `forward` (no gradient). The step is forward, mean
+//! trains), `pro` (only the new blocks), `forward` (no gradient), `generate` (greedy decoding with
+//! the KV cache, batch 1: 16-token prompt, 112 new tokens per step). The step is forward, mean
 //! cross-entropy, backward and AdamW (lr 1e-4, β 0.9/0.95, ε 1e-8, wd 0.1), then a host sync.
 
 use std::time::Instant;
@@ -20,6 +21,7 @@ use llama_pro::core::burn::optim::{GradientsParams, Optimizer};
 use llama_pro::core::burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use llama_pro::core::expand::{ExpansionPlan, expand_model};
 use llama_pro::core::freeze::{Selection, set_trainable};
+use llama_pro::core::generate::{GenerationConfig, generate};
 use llama_pro::core::model::{LlamaForCausalLM, causal_lm_loss_sum};
 use llama_pro::train::optim::FusedAdamW;
 
@@ -104,9 +106,9 @@ fn bench<B: llama_pro::core::LlamaAutodiffBackend>(
         None,
     )?;
     let selection = match mode {
-        "full" | "forward" => "all",
+        "full" | "forward" | "generate" => "all",
         "pro" => "expanded",
-        other => bail!("--mode {other}: expected full, pro or forward"),
+        other => bail!("--mode {other}: expected full, pro, forward or generate"),
     };
     let (mut model, summary) = set_trainable(model, &Selection::parse(selection)?, &map)?;
     let ids: Vec<i64> = (0..batch * seq)
@@ -122,9 +124,25 @@ fn bench<B: llama_pro::core::LlamaAutodiffBackend>(
     let mut phases: [Vec<f64>; 3] = Default::default();
     let mut loss_first = f32::NAN;
     let mut loss_last = f32::NAN;
+    // Generation: greedy decoding with the KV cache, batch 1, a 16-token prompt, GEN_TOKENS new
+    // tokens per "step"; tokens/s counts the new tokens.
+    const GEN_TOKENS: usize = 112;
+    let tokens_per_step = if mode == "generate" { GEN_TOKENS } else { batch * seq };
+    let gen_cfg = GenerationConfig {
+        max_new_tokens: GEN_TOKENS,
+        ..GenerationConfig::default()
+    };
+    let prompt: Vec<u32> = (0..16u32).map(|i| (i * 2654435761u32) % cfg.vocab_size as u32).collect();
     for i in 0..warmup + steps {
         let t = Instant::now();
-        if mode == "forward" {
+        if mode == "generate" {
+            let inner = model.valid();
+            let out = generate(&inner, &prompt, &gen_cfg, &device, |_| {})?;
+            if out.len() != GEN_TOKENS {
+                bail!("generated {} tokens, expected {GEN_TOKENS}", out.len());
+            }
+            loss_last = f32::NAN;
+        } else if mode == "forward" {
             let inner = model.valid();
             let (s, c) = causal_lm_loss_sum(
                 inner.forward(ids.clone().inner()),
@@ -156,6 +174,7 @@ fn bench<B: llama_pro::core::LlamaAutodiffBackend>(
     }
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
+    let tokens_per_s = tokens_per_step as f64 / median;
     let med = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v.get(v.len() / 2).copied().unwrap_or(0.0)
@@ -167,8 +186,8 @@ fn bench<B: llama_pro::core::LlamaAutodiffBackend>(
         "{}",
         serde_json::json!({
             "impl": "llama-pro", "case": case, "mode": mode, "layers": map.len(),
-            "params": summary.total(), "trainable": if mode == "forward" { 0 } else { summary.trainable() },
-            "tokens_per_step": batch * seq, "median_step_s": median, "tokens_per_s": (batch * seq) as f64 / median,
+            "params": summary.total(), "trainable": if matches!(mode, "forward" | "generate") { 0 } else { summary.trainable() },
+            "tokens_per_step": tokens_per_step, "median_step_s": median, "tokens_per_s": tokens_per_s,
             "peak_rss_mb": peak_rss_kb() as f64 / 1024.0, "loss_first": loss_first, "loss_last": loss_last,
             "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             "checkpointing": checkpointing, "phase_s": phase_s,

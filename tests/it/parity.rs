@@ -1,6 +1,5 @@
 //! Our LLaMA against transformers' outputs on the golden fixtures.
 
-use burn::tensor::backend::Backend;
 use llama_pro::core::model::causal_lm_loss_sum;
 use llama_pro::core::{DType, KvCache, LlamaForCausalLM};
 
