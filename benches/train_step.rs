@@ -11,8 +11,10 @@
 //! - `forward`: logits and loss without gradients;
 //! - `generate`: greedy decoding with the KV cache, batch 1, 16-token prompt, 32 new tokens.
 //!
-//!     cargo bench --bench train_step              # all
-//!     cargo bench --bench train_step -- S/        # one configuration
+//! ```text
+//! cargo bench --bench train_step              # all
+//! cargo bench --bench train_step -- S/        # one configuration
+//! ```
 //!
 //! Throughput is in tokens (elements) per second. `benches/compare_torch.py` runs the same
 //! steps in PyTorch in the same session and prints the ratio.
@@ -102,7 +104,8 @@ fn bench(c: &mut Criterion) {
             g.bench_function(name, |bch| {
                 bch.iter(|| {
                     let cur = m.take().unwrap();
-                    let (s, n) = causal_lm_loss_sum(cur.forward(ids.clone()), ids.clone(), mask.clone());
+                    let (s, n) =
+                        causal_lm_loss_sum(cur.forward(ids.clone()), ids.clone(), mask.clone());
                     let grads = GradientsParams::from_grads((s / n).backward(), &cur);
                     m = Some(optim.step(1e-4, cur, grads));
                 })

@@ -127,12 +127,18 @@ fn bench<B: llama_pro::core::LlamaAutodiffBackend>(
     // Generation: greedy decoding with the KV cache, batch 1, a 16-token prompt, GEN_TOKENS new
     // tokens per "step"; tokens/s counts the new tokens.
     const GEN_TOKENS: usize = 112;
-    let tokens_per_step = if mode == "generate" { GEN_TOKENS } else { batch * seq };
+    let tokens_per_step = if mode == "generate" {
+        GEN_TOKENS
+    } else {
+        batch * seq
+    };
     let gen_cfg = GenerationConfig {
         max_new_tokens: GEN_TOKENS,
         ..GenerationConfig::default()
     };
-    let prompt: Vec<u32> = (0..16u32).map(|i| (i * 2654435761u32) % cfg.vocab_size as u32).collect();
+    let prompt: Vec<u32> = (0..16u32)
+        .map(|i| (i * 2654435761u32) % cfg.vocab_size as u32)
+        .collect();
     for i in 0..warmup + steps {
         let t = Instant::now();
         if mode == "generate" {

@@ -1,8 +1,8 @@
 //! The demo from Rust: LLaMA Pro against full fine-tuning, LoRA, prefix and suffix stacking on
 //! the small model and corpora shipped in `data/` (the same as `llama-pro demo`).
 //!
-//!     cargo run --release --example quickstart            # about 10 minutes on 2 CPU cores
-//!     cargo run --release --example quickstart -- --quick # about 2 minutes
+//!     cargo run --release --example quickstart            # about 2 minutes on 2 CPU cores
+//!     cargo run --release --example quickstart -- --quick # about 25 seconds
 //!
 //! Writes `demo-output/` (runs, `forgetting.png`, `demo.json`) and prints the table.
 

@@ -56,7 +56,7 @@ pub enum Command {
 /// `llama-pro demo`
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// The CI-sized run (about 2 minutes on 2 CPU cores) instead of the default (about 10).
+    /// The CI-sized run (about 25 s on 2 CPU cores) instead of the default (about 2 minutes).
     #[arg(long)]
     pub quick: bool,
     /// Directory with base/ and {general,domain}-{train,valid}.jsonl (default: the repository's data/).

@@ -52,8 +52,8 @@ impl DemoMethod {
     }
 }
 
-/// Settings of the demo. [`DemoConfig::default`] is the ~10-minute run, [`DemoConfig::quick`]
-/// the ~2-minute one (CI).
+/// Settings of the demo. [`DemoConfig::default`] is the ~2-minute run, [`DemoConfig::quick`]
+/// the ~25-second one (CI), on 2 CPU cores.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DemoConfig {
     /// Directory with `base/`, `{general,domain}-{train,valid}.jsonl`.
@@ -115,7 +115,7 @@ impl Default for DemoConfig {
 }
 
 impl DemoConfig {
-    /// The CI-sized demo (~2 minutes on 2 CPU cores).
+    /// The CI-sized demo (~25 s on 2 CPU cores).
     pub fn quick() -> Self {
         Self {
             steps: 30,

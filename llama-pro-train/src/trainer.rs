@@ -211,6 +211,15 @@ pub fn train<B: llama_pro_core::LlamaAutodiffBackend>(
             cfg.dtype
         ));
     }
+    if cfg.activation_checkpointing
+        && compute == DType::F32
+        && cfg.device == "cpu"
+        && llama_pro_core::kernels::kernels_enabled()
+    {
+        say("note: --activation-checkpointing saves no memory on the CPU in f32: the fused CPU kernels \
+             already keep only what their backward needs (it applies to the GPU backends and to bf16/f16)"
+            .to_string());
+    }
 
     // Data.
     let tok = if model_dir.join("tokenizer.json").exists() {

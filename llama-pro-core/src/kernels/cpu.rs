@@ -582,6 +582,8 @@ impl LlamaBackend for Flex {
         let partials: Vec<Vec<f32>> = (0..chunks)
             .into_par_iter()
             .map(|c| {
+                // Capture the whole `Shared` (Sync), not its raw-pointer field.
+                #[allow(clippy::redundant_locals)]
                 let dxp = dxp;
                 let (r0, r1) = (c * rows, ((c + 1) * rows).min(n));
                 let mut dw = vec![0f32; if need[1] { d } else { 0 }];
@@ -657,7 +659,7 @@ impl LlamaBackend for Flex {
         sin: FlexTensor,
         sh: AttentionShape,
     ) -> Option<(FlexTensor, FlexTensor)> {
-        if !is_f32(&[&q, &k, &v, &cos, &sin]) || sh.head_dim % 2 != 0 {
+        if !is_f32(&[&q, &k, &v, &cos, &sin]) || !sh.head_dim.is_multiple_of(2) {
             return None;
         }
         let (q, k, v, cos, sin) = (contig(q), contig(k), contig(v), contig(cos), contig(sin));
@@ -670,6 +672,7 @@ impl LlamaBackend for Flex {
         let (op, lp) = (Shared(out.as_mut_ptr()), Shared(lse.as_mut_ptr()));
         // One task per (sequence, K/V head): it owns the output columns of its query heads.
         (0..b * kvh).into_par_iter().for_each(|task| {
+            // Capture the whole `Shared`s (Sync), not their raw-pointer fields.
             let (op, lp) = (op, lp);
             let (bi, g) = (task / kvh, task % kvh);
             let row0 = bi * s;
