@@ -615,3 +615,32 @@ fn wgpu_training_matches_cpu() {
         }
     }
 }
+
+/// The whole training step through the CPU kernels (and the fused AdamW) against the same run
+/// composed from burn ops with burn's AdamW: GQA, tied embeddings, weight decay, clipping.
+#[test]
+fn kernels_and_composition_train_the_same() {
+    let model = expanded_fixture("llama-gqa-tied-sharded-f32", "kernels-ab");
+    let out = model.parent().unwrap().join("run");
+    let cfg = TrainConfig {
+        max_steps: Some(6),
+        batch_size: 2,
+        weight_decay: 0.1,
+        clip_grad_norm: 1.0,
+        method: llama_pro::train::config::Method::Full,
+        ..base_config(&model, &out)
+    };
+    let fast = run(&cfg);
+    let composed = llama_pro::core::kernels::without_kernels(|| {
+        run(&TrainConfig {
+            output: out.with_file_name("run-composed"),
+            ..cfg.clone()
+        })
+    });
+    println!("kernels  {:?}\ncomposed {:?}", fast.losses, composed.losses);
+    assert_eq!(fast.losses.len(), 6);
+    for (a, b) in fast.losses.iter().zip(&composed.losses) {
+        assert!((a - b).abs() <= 1e-4 * b.abs(), "loss {a} vs {b}");
+    }
+    assert!(fast.losses[5] < fast.losses[0], "the loss did not fall");
+}
