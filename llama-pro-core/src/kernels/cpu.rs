@@ -128,6 +128,17 @@ unsafe fn mm(
     if m == 0 || n == 0 {
         return;
     }
+    if k == 0 {
+        // An empty sum: gemm might not touch `c`, which callers may pass uninitialised.
+        if !acc {
+            for i in 0..m {
+                for j in 0..n {
+                    unsafe { *c.add(i * c_rs + j) = 0.0 };
+                }
+            }
+        }
+        return;
+    }
     let parallelism = if par && m * n * k >= 1 << 22 {
         gemm::Parallelism::Rayon(0)
     } else {
