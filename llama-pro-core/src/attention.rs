@@ -182,40 +182,51 @@ impl<B: LlamaBackend> Attention<B> {
             k: k.clone(),
             v: v.clone(),
         });
-        let k = repeat_kv(k, h / kv);
-        let v = repeat_kv(v, h / kv);
-        let kv_len = k.dims()[2];
-
-        // Masking. `is_causal` is used only when queries and keys cover the same positions. When
-        // they differ (cached decoding), the boundary must align to the last position: burn's
-        // fallback does that, but the option does not specify it for every kernel, so the mask is
-        // explicit then. A single new query sees every cached key: no mask at all.
-        let window = self.sliding_window.filter(|&w| kv_len > w);
-        let (mask, is_causal) = if window.is_none() && s == kv_len {
-            (None, true)
-        } else if window.is_none() && s == 1 {
-            (None, false)
-        } else {
-            (
-                Some(causal_mask::<B>(b, h, s, kv_len, window, &q.device())),
-                false,
-            )
-        };
-        let out = attention(
-            q,
-            k,
-            v,
-            mask,
-            None,
-            AttentionModuleOptions {
-                scale: Some(1.0 / (hd as f64).sqrt()),
-                softcap: None,
-                is_causal,
-            },
-        );
+        let out = attend(q, k, v, self.sliding_window, 1.0 / (hd as f64).sqrt());
         let out = out.swap_dims(1, 2).reshape([b, s, h * hd]);
         self.o_proj.forward(out)
     }
+}
+
+/// Causal attention of roped heads composed from burn ops: K/V heads repeated for the query
+/// heads, the causal boundary aligned to the last position (queries are the last `q_len` of the
+/// `kv_len` positions), an optional sliding window.
+///
+/// # Shapes
+/// - q: `[batch, H, q_len, hd]`; k, v: `[batch, H_kv, kv_len, hd]`
+/// - output: `[batch, H, q_len, hd]`
+pub(crate) fn attend<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    window: Option<usize>,
+    scale: f64,
+) -> Tensor<B, 4> {
+    let [b, h, s, _] = q.dims();
+    let n_rep = h / k.dims()[1];
+    let (k, v) = (repeat_kv(k, n_rep), repeat_kv(v, n_rep));
+    let kv_len = k.dims()[2];
+    // Masking. `is_causal` is used only when queries and keys cover the same positions. When
+    // they differ (cached decoding), the boundary must align to the last position: burn's
+    // fallback does that, but the option does not specify it for every kernel, so the mask is
+    // explicit then. A single new query sees every cached key: no mask at all.
+    let window = window.filter(|&w| kv_len > w);
+    let (mask, is_causal) = if window.is_none() && s == kv_len {
+        (None, true)
+    } else if window.is_none() && s == 1 {
+        (None, false)
+    } else {
+        (
+            Some(causal_mask::<B>(b, h, s, kv_len, window, &q.device())),
+            false,
+        )
+    };
+    let options = AttentionModuleOptions {
+        scale: Some(scale),
+        softcap: None,
+        is_causal,
+    };
+    attention(q, k, v, mask, None, options)
 }
 
 /// Share each K/V head with `n_rep` consecutive query heads (HF `repeat_kv`).
@@ -236,7 +247,7 @@ pub fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
 /// True where query `i` (absolute position `kv_len - q_len + i`) may not see key `j`: keys after
 /// it, and with a sliding window (Mistral: `j > i - window` is visible) keys `window` or more
 /// positions back.
-pub(crate) fn causal_mask<B: Backend>(
+fn causal_mask<B: Backend>(
     b: usize,
     h: usize,
     q_len: usize,

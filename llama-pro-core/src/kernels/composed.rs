@@ -1,8 +1,6 @@
 //! The operations composed from burn tensor ops: what backends without a kernel run (and what
 //! the CPU kernels are tested against).
 
-use burn::tensor::module::attention as burn_attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{FloatDType, Int, Tensor, backend::Backend};
 
 use super::AttentionShape;
@@ -45,23 +43,7 @@ pub(crate) fn attention<B: Backend>(
     let heads = |t: Tensor<B, 2>, n: usize| t.reshape([b, s, n, hd]).swap_dims(1, 2);
     let q = apply_rope(heads(q, h), cos.clone(), sin.clone());
     let k = apply_rope(heads(k, kv), cos, sin);
-    let v = heads(v, kv);
-    let k = crate::attention::repeat_kv(k, h / kv);
-    let v = crate::attention::repeat_kv(v, h / kv);
-    let window = sh.window.filter(|&w| s > w);
-    let mask = window.map(|w| crate::attention::causal_mask::<B>(b, h, s, s, Some(w), &q.device()));
-    let out = burn_attention(
-        q,
-        k,
-        v,
-        mask,
-        None,
-        AttentionModuleOptions {
-            scale: Some(sh.scale),
-            softcap: None,
-            is_causal: window.is_none(),
-        },
-    );
+    let out = crate::attention::attend(q, k, heads(v, kv), sh.window, sh.scale);
     out.swap_dims(1, 2).reshape([b * s, h * hd])
 }
 

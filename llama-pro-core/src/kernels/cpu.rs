@@ -1041,8 +1041,7 @@ fn target_of(ids: &[i64], row: usize, vocab: usize) -> usize {
 }
 
 fn int_values(ids: FlexTensor) -> Vec<i64> {
-    let data = ids.into_data();
-    match data.clone().convert::<i64>().into_vec::<i64>() {
+    match ids.into_data().convert::<i64>().into_vec::<i64>() {
         Ok(v) => v,
         Err(e) => panic!("token ids: {e:?}"),
     }
