@@ -89,7 +89,7 @@ fn main() -> Result<()> {
     }
 }
 
-fn bench<B: llama_pro::core::LlamaAutodiffBackend>(
+fn bench<B: llama_pro::core::burn::tensor::backend::AutodiffBackend>(
     case: &str,
     mode: &str,
     steps: usize,
@@ -197,7 +197,7 @@ fn bench<B: llama_pro::core::LlamaAutodiffBackend>(
             "peak_rss_mb": peak_rss_kb() as f64 / 1024.0, "loss_first": loss_first, "loss_last": loss_last,
             "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             "checkpointing": checkpointing, "phase_s": phase_s,
-            "kernels": llama_pro::core::kernels::kernels_enabled(),
+            "kernels": llama_pro::core::ops::has_kernels::<B>(),
         })
     );
     Ok(())

@@ -9,8 +9,8 @@ use anyhow::Result;
 use llama_pro::core::burn::backend::{Autodiff, Flex};
 use llama_pro::core::expand::{ExpansionPlan, expand_checkpoint};
 use llama_pro::core::save::SaveOptions;
-use llama_pro::train::config::TrainConfig;
-use llama_pro::train::trainer::{RunControl, train};
+use llama_pro::train::config::{DataSource, TrainConfig};
+use llama_pro::train::trainer::{Event, forgetting_table, train};
 
 fn main() -> Result<()> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -41,24 +41,22 @@ fn main() -> Result<()> {
     )?;
     let cfg = TrainConfig {
         model: expanded,
-        data: vec![data.display().to_string()],
+        data: vec![DataSource::new(data)],
         output: out.join("run"),
         max_steps: Some(40),
         seq_len: 64,
         lr: 3e-3,
         ..Default::default() // the paper's recipe: AdamW 0.9/0.95, cosine, 6% warmup, wd 0.1, clip 1.0
     };
+    // What the run reports: set-up lines and every tenth step.
+    let mut observer = |e: &Event<'_>| match e {
+        Event::Info(s) => println!("{s}"),
+        Event::Step(m) if m.step % 10 == 0 => println!("step {} loss {:.4}", m.step, m.loss),
+        _ => {}
+    };
     let stop = AtomicBool::new(false);
-    let report = train::<Autodiff<Flex>>(
-        &cfg,
-        &Default::default(),
-        RunControl {
-            stop: &stop,
-            on_step: Box::new(|_| true),
-            quiet: false,
-        },
-    )?;
-    // The trainer printed the before/after table (`forgetting_table(&report)`) and wrote report.json.
+    let report = train::<Autodiff<Flex>>(cfg, &Default::default(), &mut observer, &stop)?;
+    println!("\n{}", forgetting_table(&report));
     println!(
         "trained model: {}",
         report

@@ -8,6 +8,7 @@
 
 use anyhow::{Result, ensure};
 use llama_pro::train::demo::{DemoConfig, demo_table, run_demo};
+use llama_pro::train::trainer::Event;
 
 fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
@@ -16,7 +17,13 @@ fn main() -> Result<()> {
     } else {
         DemoConfig::default()
     };
-    let report = run_demo(&cfg, false)?;
+    // Print the demo's own lines (expansions, identity checks, each method's result).
+    let mut observer = |e: &Event<'_>| {
+        if let Event::Info(s) = e {
+            println!("{s}");
+        }
+    };
+    let report = run_demo(&cfg, &mut observer)?;
     println!("\n{}", demo_table(&report));
     for line in &report.verdict {
         println!("{line}");

@@ -1,5 +1,6 @@
-//! LLaMA Pro in a few lines: load a HuggingFace model, expand it with identity blocks, check that
-//! it still computes the same function, train only the new blocks on a domain text, and export.
+//! LLaMA Pro step by step, with the trainer driven by hand: load a HuggingFace model, expand it
+//! in memory with identity blocks, check that it still computes the same function, train only
+//! the new blocks on a domain text with `Trainer::step`, evaluate, export.
 //!
 //!     cargo run --release --example train_loop [MODEL_DIR] [DOMAIN.txt]
 //!
@@ -9,13 +10,10 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, ensure};
 use llama_pro::core::burn::backend::{Autodiff, Flex};
-use llama_pro::core::burn::optim::{AdamWConfig, GradientsParams, Optimizer};
-use llama_pro::core::expand::{ExpansionPlan, LayerMap, expand_model};
-use llama_pro::core::freeze::{Selection, set_trainable};
-use llama_pro::core::save::{SaveOptions, save_pretrained};
-use llama_pro::core::{DType, LlamaForCausalLM, Tokenizer};
-use llama_pro::train::data::read_sequences;
-use llama_pro::train::eval::{evaluate, pad_batch};
+use llama_pro::core::expand::{CONFIG_KEY, ExpansionPlan, expand_model, verify_identity};
+use llama_pro::core::{DType, LlamaForCausalLM};
+use llama_pro::train::config::{DataSource, EvalSet, TrainConfig};
+use llama_pro::train::trainer::{TrainData, TrainModel, Trainer, silent};
 
 type B = Autodiff<Flex>;
 
@@ -32,17 +30,15 @@ fn main() -> Result<()> {
         .unwrap_or(root.join("examples/data/code.txt"));
     let device = Default::default();
 
-    // 1. Load a HuggingFace checkpoint and its tokenizer.
-    let (base, hf) = LlamaForCausalLM::<B>::from_pretrained(&model_dir, &device, Some(DType::F32))
-        .with_context(|| format!("loading {}", model_dir.display()))?;
-    let tok = Tokenizer::from_dir(&model_dir, hf.config.bos_token_id, &hf.config.eos_token_ids)?;
-    let seqs = read_sequences(&data, Some(&tok), hf.config.vocab_size, 64)?;
+    // 1. Load a HuggingFace checkpoint.
+    let (base, mut hf) =
+        LlamaForCausalLM::<B>::from_pretrained(&model_dir, &device, Some(DType::F32))
+            .with_context(|| format!("loading {}", model_dir.display()))?;
     println!(
-        "{}: {} layers, {} parameters; {} training sequences",
+        "{}: {} layers, {} parameters",
         model_dir.display(),
         hf.config.num_hidden_layers,
-        base.num_parameters(),
-        seqs.len()
+        base.num_parameters()
     );
 
     // 2. Expand: interleaved, one zero-initialised copy after every group of 2 blocks.
@@ -50,60 +46,55 @@ fn main() -> Result<()> {
         groups: 2,
         copies: 1,
     };
-    let (model, map): (_, LayerMap) = expand_model(base.clone(), &plan, None)?;
+    let (model, map) = expand_model(base.clone(), &plan, None)?;
     println!("expanded with {plan}: layers {}", map.compact());
 
     // 3. The expanded model computes exactly what the original did.
-    let (ids, _) = pad_batch::<B>(&seqs[..4], &device);
-    let delta = (base.forward(ids.clone()) - model.forward(ids))
-        .abs()
-        .max()
-        .into_scalar();
+    let delta = verify_identity(&base, &model)?;
     println!("identity check: max |Δlogits| = {delta}");
     ensure!(delta == 0.0, "expansion is not the identity");
 
-    // 4. Train only the new blocks (the originals are frozen: no gradient, no optimizer state).
-    let (mut model, summary) = set_trainable(model, &Selection::parse("expanded")?, &map)?;
-    println!("{summary}");
-    let before = evaluate(&model, &seqs, 16, &device, |_| {})?;
-    let mut optim = AdamWConfig::new()
-        .with_beta_2(0.95)
-        .with_epsilon(1e-8)
-        .with_weight_decay(0.1)
-        .init();
-    for step in 0..30 {
-        let batch = &seqs[(step * 8) % seqs.len()..][..8.min(seqs.len() - (step * 8) % seqs.len())];
-        let (ids, mask) = pad_batch::<B>(batch, &device);
-        let (sum, count) =
-            llama_pro::core::model::causal_lm_loss_sum(model.forward(ids.clone()), ids, mask);
-        let loss = sum / count;
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        model = optim.step(3e-3, model, grads);
-    }
-    let after = evaluate(&model, &seqs, 16, &device, |_| {})?;
-    println!(
-        "domain loss: {:.4} -> {:.4} after 30 steps on the new blocks only",
-        before.loss, after.loss
-    );
-    ensure!(after.loss < before.loss, "the new blocks did not learn");
-
-    // 5. Export a HuggingFace directory that transformers loads.
+    // 4. Train only the new blocks (the default `method`: the originals are frozen, no gradient,
+    //    no optimizer state), evaluating on the training text itself.
     let out = std::env::temp_dir().join("llama-pro-train-loop");
-    let mut hf_out = hf.clone();
-    hf_out.raw.insert(
-        llama_pro::core::expand::CONFIG_KEY.into(),
-        map.to_config_value(&plan.to_string(), hf.config.num_hidden_layers),
+    let config = TrainConfig {
+        model: model_dir.clone(),
+        data: vec![DataSource::new(&data)],
+        eval: vec![EvalSet {
+            name: "domain".into(),
+            path: data.clone(),
+        }],
+        output: out.clone(),
+        max_steps: Some(30),
+        batch_size: 8,
+        seq_len: 64,
+        lr: 3e-3,
+        token_cache: false,
+        ..Default::default()
+    };
+    let layers = hf.config.num_hidden_layers;
+    hf.config = model.config.clone();
+    hf.raw.insert(
+        CONFIG_KEY.into(),
+        map.to_config_value(&plan.to_string(), layers),
     );
-    save_pretrained(
-        &model,
-        &hf_out,
-        Some(&model_dir),
-        &out,
-        &SaveOptions {
-            overwrite: true,
-            ..Default::default()
-        },
-    )?;
-    println!("exported to {}", out.display());
+    let model = TrainModel::new(&config, model, hf, map, &model_dir, &mut silent())?;
+    println!("{}", model.info.summary);
+    let data = TrainData::load(&config, &model, &mut silent())?;
+    let mut trainer = Trainer::<B>::new(config, model, data)?;
+    let before = trainer.evaluate()?["domain"].loss;
+    while !trainer.is_done() {
+        let m = trainer.step()?;
+        if m.step % 10 == 0 {
+            println!("step {:>3}  loss {:.4}  lr {:.2e}", m.step, m.loss, m.lr);
+        }
+    }
+
+    // 5. Save, evaluate and export a HuggingFace directory that transformers loads.
+    let report = trainer.finish()?;
+    let after = report.eval_after["domain"].loss;
+    println!("domain loss: {before:.4} -> {after:.4} after 30 steps on the new blocks only");
+    ensure!(after < before, "the new blocks did not learn");
+    println!("exported to {}", out.join("model").display());
     Ok(())
 }

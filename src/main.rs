@@ -4,14 +4,17 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+mod cli;
+
 fn main() -> ExitCode {
     llama_pro::core::device::tune_allocator();
-    let cli = llama_pro::train::cli::Cli::parse();
-    match llama_pro::train::cli::run(cli) {
+    let args = cli::Cli::parse();
+    match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // `{:#}` prints the whole cause chain on one line; no backtrace for user errors.
-            eprintln!("error: {:#}", anyhow::Error::from(e));
+            // The whole cause chain on one line; settings named by their flag; no backtrace for
+            // user errors.
+            eprintln!("error: {}", cli::errors::describe(&e));
             ExitCode::FAILURE
         }
     }

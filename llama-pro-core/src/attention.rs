@@ -1,15 +1,12 @@
 //! Multi-head causal self-attention with RoPE and grouped-query heads.
 
 use burn::module::Module;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Int, Tensor, backend::Backend};
+use burn::tensor::{Tensor, backend::Backend};
 
 use crate::config::LlamaConfig;
 use crate::error::Result;
-use crate::kernels::{AttentionShape, LlamaBackend};
 use crate::linear::{Linear, LinearConfig};
-use crate::rope::apply_rope;
+use crate::ops::{self, AttentionShape, apply_rope, causal_attention};
 use crate::weights::WeightSource;
 
 /// Configuration of an [`Attention`] layer.
@@ -128,7 +125,7 @@ pub struct LayerCache<B: Backend> {
     pub v: Tensor<B, 4>,
 }
 
-impl<B: LlamaBackend> Attention<B> {
+impl<B: Backend> Attention<B> {
     /// # Shapes
     /// - x: `[batch, seq, d]`
     /// - cos, sin: `[seq, hd]` for the positions of `x`
@@ -160,7 +157,7 @@ impl<B: LlamaBackend> Attention<B> {
                 scale: 1.0 / (hd as f64).sqrt(),
                 window: self.sliding_window,
             };
-            let out = B::lp_attention(q, k, v, cos, sin, shape);
+            let out = ops::attention(q, k, v, cos, sin, shape);
             let y = self.o_proj.forward_2d(out);
             let d_out = y.dims()[1];
             return y.reshape([b, s, d_out]);
@@ -182,88 +179,8 @@ impl<B: LlamaBackend> Attention<B> {
             k: k.clone(),
             v: v.clone(),
         });
-        let out = attend(q, k, v, self.sliding_window, 1.0 / (hd as f64).sqrt());
+        let out = causal_attention(q, k, v, self.sliding_window, 1.0 / (hd as f64).sqrt());
         let out = out.swap_dims(1, 2).reshape([b, s, h * hd]);
         self.o_proj.forward(out)
     }
-}
-
-/// Causal attention of roped heads composed from burn ops: K/V heads repeated for the query
-/// heads, the causal boundary aligned to the last position (queries are the last `q_len` of the
-/// `kv_len` positions), an optional sliding window.
-///
-/// # Shapes
-/// - q: `[batch, H, q_len, hd]`; k, v: `[batch, H_kv, kv_len, hd]`
-/// - output: `[batch, H, q_len, hd]`
-pub(crate) fn attend<B: Backend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-    window: Option<usize>,
-    scale: f64,
-) -> Tensor<B, 4> {
-    let [b, h, s, _] = q.dims();
-    let n_rep = h / k.dims()[1];
-    let (k, v) = (repeat_kv(k, n_rep), repeat_kv(v, n_rep));
-    let kv_len = k.dims()[2];
-    // Masking. `is_causal` is used only when queries and keys cover the same positions. When
-    // they differ (cached decoding), the boundary must align to the last position: burn's
-    // fallback does that, but the option does not specify it for every kernel, so the mask is
-    // explicit then. A single new query sees every cached key: no mask at all.
-    let window = window.filter(|&w| kv_len > w);
-    let (mask, is_causal) = if window.is_none() && s == kv_len {
-        (None, true)
-    } else if window.is_none() && s == 1 {
-        (None, false)
-    } else {
-        (
-            Some(causal_mask::<B>(b, h, s, kv_len, window, &q.device())),
-            false,
-        )
-    };
-    let options = AttentionModuleOptions {
-        scale: Some(scale),
-        softcap: None,
-        is_causal,
-    };
-    attention(q, k, v, mask, None, options)
-}
-
-/// Share each K/V head with `n_rep` consecutive query heads (HF `repeat_kv`).
-///
-/// # Shapes
-/// - x: `[batch, H_kv, seq, hd]`
-/// - output: `[batch, H_kv·n_rep, seq, hd]`
-pub fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
-    if n_rep == 1 {
-        return x;
-    }
-    let [b, kv, s, hd] = x.dims();
-    x.unsqueeze_dim::<5>(2)
-        .expand([b, kv, n_rep, s, hd])
-        .reshape([b, kv * n_rep, s, hd])
-}
-
-/// True where query `i` (absolute position `kv_len - q_len + i`) may not see key `j`: keys after
-/// it, and with a sliding window (Mistral: `j > i - window` is visible) keys `window` or more
-/// positions back.
-fn causal_mask<B: Backend>(
-    b: usize,
-    h: usize,
-    q_len: usize,
-    kv_len: usize,
-    window: Option<usize>,
-    device: &B::Device,
-) -> Tensor<B, 4, Bool> {
-    let offset = (kv_len - q_len) as i64;
-    let rows = Tensor::<B, 1, Int>::arange(0..q_len as i64, device).reshape([q_len, 1]) + offset;
-    let cols = Tensor::<B, 1, Int>::arange(0..kv_len as i64, device).reshape([1, kv_len]);
-    let future = cols.clone().greater(rows.clone());
-    let mask = match window {
-        // masked when j <= i - window  ⇔  j + window <= i
-        Some(w) => future.bool_or((cols + w as i64).lower_equal(rows)),
-        None => future,
-    };
-    mask.reshape([1, 1, q_len, kv_len])
-        .expand([b, h, q_len, kv_len])
 }

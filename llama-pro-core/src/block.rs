@@ -81,7 +81,7 @@ pub struct DecoderLayer<B: Backend> {
     pub post_attention_layernorm: RmsNorm<B>,
 }
 
-impl<B: crate::kernels::LlamaBackend> DecoderLayer<B> {
+impl<B: Backend> DecoderLayer<B> {
     /// # Shapes
     /// - x: `[batch, seq, d]`; cos, sin: `[seq, hd]`
     /// - output: `[batch, seq, d]`

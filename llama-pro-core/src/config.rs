@@ -36,10 +36,12 @@ impl Architecture {
     }
 }
 
-/// Storage dtype of a checkpoint (and the dtype a model computes in).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Storage dtype of a checkpoint (and the dtype a model computes in). Written `f32`, `bf16`,
+/// `f16` in configuration files (HF's `float32`, `bfloat16`, `float16` are read too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DType {
     /// IEEE float32.
+    #[default]
     F32,
     /// IEEE float16.
     F16,
@@ -79,6 +81,27 @@ impl DType {
             Self::F16 => burn::tensor::DType::F16,
             Self::BF16 => burn::tensor::DType::BF16,
         }
+    }
+}
+
+impl std::str::FromStr for DType {
+    type Err = CoreError;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::parse(s)
+            .ok_or_else(|| CoreError::setting("dtype", format!("{s:?}: expected f32, bf16 or f16")))
+    }
+}
+
+impl Serialize for DType {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for DType {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
     }
 }
 

@@ -8,9 +8,10 @@ use std::str::FromStr;
 use crate::error::{CoreError, Result};
 
 /// A device named on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceSpec {
     /// burn's Flex CPU backend (pure Rust, SIMD, multi-threaded).
+    #[default]
     Cpu,
     /// wgpu (Vulkan / Metal / DX12); `None` picks the default adapter, `Some(i)` the i-th discrete GPU.
     Wgpu(Option<usize>),
@@ -24,9 +25,10 @@ impl FromStr for DeviceSpec {
         let (kind, index) = match s.split_once(':') {
             Some((k, i)) => {
                 let i = i.parse::<usize>().map_err(|_| {
-                    CoreError::Invalid(format!(
-                        "--device {s:?}: the index after ':' must be a number (e.g. cuda:0)"
-                    ))
+                    CoreError::setting(
+                        "device",
+                        format!("{s:?}: the index after ':' must be a number (e.g. cuda:0)"),
+                    )
                 })?;
                 (k, Some(i))
             }
@@ -36,9 +38,10 @@ impl FromStr for DeviceSpec {
             ("cpu", None) => Ok(Self::Cpu),
             ("wgpu", i) => Ok(Self::Wgpu(i)),
             ("cuda", i) => Ok(Self::Cuda(i.unwrap_or(0))),
-            _ => Err(CoreError::Invalid(format!(
-                "--device {s:?}: expected cpu, wgpu, wgpu:N, cuda or cuda:N"
-            ))),
+            _ => Err(CoreError::setting(
+                "device",
+                format!("{s:?}: expected cpu, wgpu, wgpu:N, cuda or cuda:N"),
+            )),
         }
     }
 }
@@ -51,6 +54,19 @@ impl std::fmt::Display for DeviceSpec {
             Self::Wgpu(Some(i)) => write!(f, "wgpu:{i}"),
             Self::Cuda(i) => write!(f, "cuda:{i}"),
         }
+    }
+}
+
+impl serde::Serialize for DeviceSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for DeviceSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -70,7 +86,7 @@ pub trait OnBackend {
     /// What the work returns.
     type Output;
     /// Run on backend `B`.
-    fn run<B: crate::kernels::LlamaBackend>(self, device: B::Device) -> Self::Output;
+    fn run<B: burn::tensor::backend::Backend>(self, device: B::Device) -> Self::Output;
 }
 
 /// Work that needs gradients (training).
@@ -78,7 +94,7 @@ pub trait OnAutodiffBackend {
     /// What the work returns.
     type Output;
     /// Run on backend `B`.
-    fn run<B: crate::kernels::LlamaAutodiffBackend>(self, device: B::Device) -> Self::Output;
+    fn run<B: burn::tensor::backend::AutodiffBackend>(self, device: B::Device) -> Self::Output;
 }
 
 fn not_built(feature: &str) -> CoreError {
@@ -181,4 +197,21 @@ pub fn tune_allocator() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_TOP_PAD, 64 << 20);
     }
+}
+
+/// [`verify_identity_dirs`](crate::expand::verify_identity_dirs) on the backend named by `spec`:
+/// the largest |Δlogits| between a base model directory and its expansion (0 = bitwise equal).
+pub fn verify_identity_on(
+    spec: DeviceSpec,
+    base: &std::path::Path,
+    expanded: &std::path::Path,
+) -> Result<f32> {
+    struct Task<'a>(&'a std::path::Path, &'a std::path::Path);
+    impl OnBackend for Task<'_> {
+        type Output = Result<f32>;
+        fn run<B: burn::tensor::backend::Backend>(self, device: B::Device) -> Result<f32> {
+            crate::expand::verify_identity_dirs::<B>(self.0, self.1, &device)
+        }
+    }
+    dispatch(spec, Task(base, expanded))?
 }

@@ -98,7 +98,23 @@ pub enum CoreError {
         /// The tokenizer's message.
         message: String,
     },
-    /// An invalid argument (device string, generation option, expansion plan...).
+    /// A setting with a value that cannot work, named by its key (`groups`, `device`,
+    /// `trainable`, `temperature`...: the field of the library type, which is also the TOML key and,
+    /// with dashes, the command-line flag).
+    #[error("{}", setting_text(key, message))]
+    Setting {
+        /// The setting.
+        key: String,
+        /// The value given and what was expected.
+        message: String,
+    },
+    /// An output directory that holds something and may not be replaced.
+    #[error("output directory {path} exists and is not empty (allow overwriting to replace it)")]
+    OutputExists {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// Anything else, with a message naming the culprit.
     #[error("{0}")]
     Invalid(String),
 }
@@ -110,10 +126,29 @@ impl CoreError {
             source,
         }
     }
+    /// A [`CoreError::Setting`].
+    pub fn setting(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Setting {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
     pub(crate) fn config(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
         Self::Config {
             path: path.into(),
             message: message.into(),
         }
+    }
+}
+
+/// How a setting error reads: `key "value": what is wrong` when the message starts with the
+/// quoted or numeric value, else `key: message`. The command line passes `--flag` as `key`.
+pub fn setting_text(key: &str, message: &str) -> String {
+    let value_first =
+        message.starts_with(['"', '-']) || message.starts_with(|c: char| c.is_ascii_digit());
+    if value_first {
+        format!("{key} {message}")
+    } else {
+        format!("{key}: {message}")
     }
 }

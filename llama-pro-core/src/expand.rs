@@ -17,7 +17,7 @@
 //! whether it is new. It is stored in the exported `config.json` under [`CONFIG_KEY`] (a key
 //! transformers ignores), so that training later knows which blocks are new.
 
-use burn::module::{Module, ModuleMapper, Param, ParamId};
+use burn::module::{Param, ParamId};
 use burn::tensor::{Tensor, backend::Backend};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -25,6 +25,7 @@ use serde_json::{Map, Value};
 use crate::block::DecoderLayer;
 use crate::error::{CoreError, Result};
 use crate::model::LlamaForCausalLM;
+use crate::params::{NamedMapper, map_named};
 
 /// The `config.json` key holding our expansion record.
 pub const CONFIG_KEY: &str = "llama_pro";
@@ -235,8 +236,10 @@ impl ExpansionPlan {
         let layers = match *self {
             Self::Interleaved { groups, copies } => {
                 if groups == 0 || copies == 0 {
-                    return Err(CoreError::Invalid(
-                        "--groups and --copies must be at least 1 (zero new blocks)".into(),
+                    let key = if groups == 0 { "groups" } else { "copies" };
+                    return Err(CoreError::setting(
+                        key,
+                        "must be at least 1 (zero new blocks)",
                     ));
                 }
                 if l % groups != 0 {
@@ -244,16 +247,22 @@ impl ExpansionPlan {
                         .filter(|d| l % d == 0)
                         .map(|d| d.to_string())
                         .collect();
-                    return Err(CoreError::Invalid(format!(
-                        "--groups {groups}: {l} layers cannot be split into {groups} equal groups; N must divide {l}: {}",
-                        divisors.join(", ")
-                    )));
+                    return Err(CoreError::setting(
+                        "groups",
+                        format!(
+                            "{groups}: {l} layers cannot be split into {groups} equal groups; N must divide {l}: {}",
+                            divisors.join(", ")
+                        ),
+                    ));
                 }
                 let size = l / groups;
                 if copies > size {
-                    return Err(CoreError::Invalid(format!(
-                        "--copies {copies} is larger than the group size {size} ({l} layers / {groups} groups)"
-                    )));
+                    return Err(CoreError::setting(
+                        "copies",
+                        format!(
+                            "{copies} is larger than the group size {size} ({l} layers / {groups} groups)"
+                        ),
+                    ));
                 }
                 let mut v = Vec::with_capacity(l + groups * copies);
                 for g in 0..groups {
@@ -265,7 +274,7 @@ impl ExpansionPlan {
             }
             Self::Top { k } => {
                 if k == 0 {
-                    return Err(CoreError::Invalid("--top 0 adds no block".into()));
+                    return Err(CoreError::setting("top", "0 adds no block"));
                 }
                 let mut v: Vec<LayerOrigin> = (0..l).map(orig).collect();
                 v.extend(std::iter::repeat_n(copy(l - 1), k));
@@ -273,7 +282,7 @@ impl ExpansionPlan {
             }
             Self::Bottom { k } => {
                 if k == 0 {
-                    return Err(CoreError::Invalid("--bottom 0 adds no block".into()));
+                    return Err(CoreError::setting("bottom", "0 adds no block"));
                 }
                 let mut v: Vec<LayerOrigin> = std::iter::repeat_n(copy(0), k).collect();
                 v.extend((0..l).map(orig));
@@ -281,29 +290,37 @@ impl ExpansionPlan {
             }
             Self::Positions(ref ins) => {
                 if ins.is_empty() {
-                    return Err(CoreError::Invalid(
-                        "--positions: no insertion given (zero new blocks)".into(),
+                    return Err(CoreError::setting(
+                        "positions",
+                        "no insertion given (zero new blocks)",
                     ));
                 }
                 let total = l + ins.len();
                 let mut slots: Vec<Option<LayerOrigin>> = vec![None; total];
                 for &(src, pos) in ins {
                     if src >= l {
-                        return Err(CoreError::Invalid(format!(
-                            "--positions {src}@{pos}: source block {src} does not exist (the model has {l} layers: 0..{})",
-                            l - 1
-                        )));
+                        return Err(CoreError::setting(
+                            "positions",
+                            format!(
+                                "{src}@{pos}: source block {src} does not exist (the model has {l} layers: 0..{})",
+                                l - 1
+                            ),
+                        ));
                     }
                     if pos >= total {
-                        return Err(CoreError::Invalid(format!(
-                            "--positions {src}@{pos}: position {pos} is out of range (the expanded model has {total} layers: 0..{})",
-                            total - 1
-                        )));
+                        return Err(CoreError::setting(
+                            "positions",
+                            format!(
+                                "{src}@{pos}: position {pos} is out of range (the expanded model has {total} layers: 0..{})",
+                                total - 1
+                            ),
+                        ));
                     }
                     if slots[pos].is_some() {
-                        return Err(CoreError::Invalid(format!(
-                            "--positions: position {pos} is given twice"
-                        )));
+                        return Err(CoreError::setting(
+                            "positions",
+                            format!("position {pos} is given twice"),
+                        ));
                     }
                     slots[pos] = Some(copy(src));
                 }
@@ -327,13 +344,14 @@ impl ExpansionPlan {
         let mut v = Vec::new();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (a, b) = part.split_once('@').ok_or_else(|| {
-                CoreError::Invalid(format!(
-                    "--positions {part:?}: expected SOURCE@POSITION, e.g. 3@4"
-                ))
+                CoreError::setting(
+                    "positions",
+                    format!("{part:?}: expected SOURCE@POSITION, e.g. 3@4"),
+                )
             })?;
             let num = |x: &str| {
                 x.trim().parse::<usize>().map_err(|_| {
-                    CoreError::Invalid(format!("--positions {part:?}: {x:?} is not a layer index"))
+                    CoreError::setting("positions", format!("{part:?}: {x:?} is not a layer index"))
                 })
             };
             v.push((num(a)?, num(b)?));
@@ -345,23 +363,16 @@ impl ExpansionPlan {
 /// Gives every parameter a fresh [`ParamId`] and optionally zeroes it: a block copy must not share
 /// ids with its source (burn keeps ids on `clone`, and shared ids would merge gradients and
 /// optimizer state).
-struct FreshCopy {
-    path: Vec<String>,
-    zero: bool,
-}
+struct FreshCopy;
 
-impl<B: Backend> ModuleMapper<B> for FreshCopy {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
-    }
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+impl<B: Backend> NamedMapper<B> for FreshCopy {
+    fn map<const D: usize>(
+        &mut self,
+        name: &str,
+        param: Param<Tensor<B, D>>,
+    ) -> Param<Tensor<B, D>> {
         let (_, tensor, mapper) = param.consume();
-        let name = self.path.join(".");
-        let zeroed = self.zero
-            && (name.starts_with("self_attn.o_proj.") || name.starts_with("mlp.down_proj."));
+        let zeroed = name.starts_with("self_attn.o_proj.") || name.starts_with("mlp.down_proj.");
         let tensor = if zeroed { tensor.zeros_like() } else { tensor };
         Param::from_mapped_value(ParamId::new(), tensor, mapper)
     }
@@ -370,10 +381,7 @@ impl<B: Backend> ModuleMapper<B> for FreshCopy {
 /// A zero-initialised copy of `block`: same weights, fresh parameter ids, `self_attn.o_proj` and
 /// `mlp.down_proj` (weights and biases) set to exactly zero.
 pub fn zero_copy<B: Backend>(block: &DecoderLayer<B>) -> DecoderLayer<B> {
-    block.clone().map(&mut FreshCopy {
-        path: Vec::new(),
-        zero: true,
-    })
+    map_named(block.clone(), &mut FreshCopy)
 }
 
 /// Expand a model in memory. Returns the grown model and its layer map (composed with
@@ -404,6 +412,56 @@ pub fn expand_model<B: Backend>(
         None => map,
     };
     Ok((model, full))
+}
+
+/// The LLaMA Pro guarantee, checked: the largest |Δ| between the logits of `base` and
+/// `expanded` on a fixed pseudo-random batch (2 sequences × 32 tokens, the same on every run and
+/// platform). Zero means the expanded model computes bitwise what the base did.
+///
+/// # Errors
+/// If the two models do not share a vocabulary.
+pub fn verify_identity<B: Backend>(
+    base: &LlamaForCausalLM<B>,
+    expanded: &LlamaForCausalLM<B>,
+) -> Result<f32> {
+    use burn::tensor::{ElementConversion, Int, TensorData};
+    let vocab = base.config.vocab_size;
+    if expanded.config.vocab_size != vocab {
+        return Err(CoreError::Invalid(format!(
+            "identity check: the base has a vocabulary of {vocab} tokens, the expanded model {}",
+            expanded.config.vocab_size
+        )));
+    }
+    // splitmix64: independent of any RNG crate version.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let ids: Vec<i64> = (0..2 * 32)
+        .map(|_| {
+            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            ((z ^ (z >> 31)) % vocab as u64) as i64
+        })
+        .collect();
+    let device = base.model.embed_tokens.weight.val().device();
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [2, 32]), &device);
+    let d = (base.forward(ids.clone()) - expanded.forward(ids))
+        .abs()
+        .max()
+        .into_scalar();
+    Ok(d.elem::<f32>())
+}
+
+/// [`verify_identity`] of two HuggingFace model directories, loaded in f32 on `device`.
+pub fn verify_identity_dirs<B: Backend>(
+    base: &std::path::Path,
+    expanded: &std::path::Path,
+    device: &B::Device,
+) -> Result<f32> {
+    let dtype = Some(crate::config::DType::F32);
+    let (b, _) = LlamaForCausalLM::<B>::from_pretrained(base, device, dtype)?;
+    let (e, _) = LlamaForCausalLM::<B>::from_pretrained(expanded, device, dtype)?;
+    verify_identity(&b, &e)
 }
 
 /// What [`expand_checkpoint`] did.

@@ -25,13 +25,14 @@
 //! hence no optimizer state, and burn does no backward work for them nor below the lowest
 //! trainable block.
 
-use burn::module::{Module, ModuleMapper, Param};
+use burn::module::Param;
 use burn::tensor::{Tensor, backend::Backend};
 use regex::Regex;
 
 use crate::error::{CoreError, Result};
 use crate::expand::{LayerMap, layer_of};
 use crate::model::LlamaForCausalLM;
+use crate::params::{NamedMapper, map_named};
 
 /// Part of a block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,8 +86,34 @@ impl std::fmt::Display for Selection {
     }
 }
 
+impl PartialEq for Selection {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl std::str::FromStr for Selection {
+    type Err = CoreError;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::parse(s)
+    }
+}
+
+impl serde::Serialize for Selection {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Selection {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 fn err(spec: &str, msg: impl std::fmt::Display) -> CoreError {
-    CoreError::Invalid(format!("--trainable {spec:?}: {msg}"))
+    CoreError::setting("trainable", format!("{spec:?}: {msg}"))
 }
 
 impl Selection {
@@ -457,24 +484,20 @@ pub fn summarize<'a>(
 }
 
 struct SetTrainable<'a> {
-    path: Vec<String>,
     selection: &'a Selection,
     ctx: &'a SelectContext<'a>,
     summary: TrainableSummary,
 }
 
-impl<B: Backend> ModuleMapper<B> for SetTrainable<'_> {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
-    }
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let name = self.path.join(".");
-        let trainable = self.selection.matches(&name, self.ctx);
+impl<B: Backend> NamedMapper<B> for SetTrainable<'_> {
+    fn map<const D: usize>(
+        &mut self,
+        name: &str,
+        param: Param<Tensor<B, D>>,
+    ) -> Param<Tensor<B, D>> {
+        let trainable = self.selection.matches(name, self.ctx);
         self.summary
-            .add(&name, param.shape().num_elements(), trainable, self.ctx.map);
+            .add(name, param.shape().num_elements(), trainable, self.ctx.map);
         param.set_require_grad(trainable)
     }
 }
@@ -499,7 +522,6 @@ pub fn set_trainable<B: Backend>(
     };
     selection.validate(&ctx)?;
     let mut mapper = SetTrainable {
-        path: Vec::new(),
         selection,
         ctx: &ctx,
         summary: TrainableSummary {
@@ -507,22 +529,6 @@ pub fn set_trainable<B: Backend>(
             trainable_names: Vec::new(),
         },
     };
-    let model = model.map(&mut mapper);
-    let mut summary = mapper.summary;
-    if summary.trainable() == 0 {
-        return Err(err(&selection.text, "selects no parameter of this model"));
-    }
-    let order = [
-        "embed_tokens",
-        "original blocks",
-        "expanded blocks",
-        "norm",
-        "lm_head",
-        "lora adapters",
-        "other",
-    ];
-    summary
-        .groups
-        .sort_by_key(|g| order.iter().position(|o| *o == g.group));
-    Ok((model, summary))
+    let model = map_named(model, &mut mapper);
+    Ok((model, mapper.summary.finish(selection)?))
 }

@@ -1,6 +1,6 @@
 //! Autoregressive generation with a KV cache: greedy, temperature, top-k and top-p sampling.
 
-use burn::tensor::{FloatDType, Int, Tensor, TensorData};
+use burn::tensor::{FloatDType, Int, Tensor, TensorData, backend::Backend};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -45,20 +45,21 @@ impl Default for GenerationConfig {
 impl GenerationConfig {
     fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(CoreError::Invalid(format!(
-                "--temperature must be a finite number >= 0, got {}",
-                self.temperature
-            )));
+            return Err(CoreError::setting(
+                "temperature",
+                format!("must be a finite number >= 0, got {}", self.temperature),
+            ));
         }
         if let Some(p) = self.top_p {
             if !(p > 0.0 && p <= 1.0) {
-                return Err(CoreError::Invalid(format!(
-                    "--top-p must be in (0, 1], got {p}"
-                )));
+                return Err(CoreError::setting(
+                    "top_p",
+                    format!("must be in (0, 1], got {p}"),
+                ));
             }
         }
         if self.top_k == Some(0) {
-            return Err(CoreError::Invalid("--top-k must be at least 1".into()));
+            return Err(CoreError::setting("top_k", "must be at least 1"));
         }
         Ok(())
     }
@@ -138,7 +139,7 @@ pub fn argmax(x: &[f32]) -> u32 {
 
 /// Generate a continuation of `prompt`. `on_token` sees each new token as it is produced
 /// (for streaming). Returns the new tokens (the EOS that stopped generation included).
-pub fn generate<B: crate::kernels::LlamaBackend>(
+pub fn generate<B: Backend>(
     model: &LlamaForCausalLM<B>,
     prompt: &[u32],
     cfg: &GenerationConfig,

@@ -18,11 +18,12 @@ pub mod error;
 pub mod expand;
 pub mod freeze;
 pub mod generate;
-pub mod kernels;
 pub mod linear;
 pub mod mlp;
 pub mod model;
 pub mod norm;
+pub mod ops;
+pub mod params;
 pub mod rope;
 pub mod save;
 pub mod tokenizer;
@@ -30,7 +31,6 @@ pub mod weights;
 
 pub use config::{Architecture, DType, HfConfig, LlamaConfig, RopeScaling};
 pub use error::{CoreError, Result};
-pub use kernels::{LlamaAutodiffBackend, LlamaBackend};
 pub use model::{KvCache, LlamaForCausalLM, LlamaModel};
 pub use tokenizer::Tokenizer;
 

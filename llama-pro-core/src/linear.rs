@@ -8,7 +8,7 @@
 use burn::module::{Module, Param};
 use burn::tensor::{Tensor, backend::Backend};
 
-use crate::kernels::LlamaBackend;
+use crate::ops;
 
 use crate::error::Result;
 use crate::weights::{Init, WeightSource};
@@ -131,7 +131,7 @@ fn as_dtype<B: Backend, const D: usize>(
     }
 }
 
-impl<B: LlamaBackend> Linear<B> {
+impl<B: Backend> Linear<B> {
     /// Apply the layer.
     ///
     /// # Shapes
@@ -154,11 +154,11 @@ impl<B: LlamaBackend> Linear<B> {
         let w = as_dtype(self.weight.val(), dtype);
         let mut y = match (&self.lora_a, &self.lora_b) {
             (Some(a), Some(b)) => {
-                let low = B::lp_linear(x.clone(), as_dtype(a.val(), dtype));
-                let up = B::lp_linear(low, as_dtype(b.val(), dtype)).mul_scalar(self.lora_scale);
-                B::lp_linear(x, w) + up
+                let low = ops::linear(x.clone(), as_dtype(a.val(), dtype));
+                let up = ops::linear(low, as_dtype(b.val(), dtype)).mul_scalar(self.lora_scale);
+                ops::linear(x, w) + up
             }
-            _ => B::lp_linear(x, w),
+            _ => ops::linear(x, w),
         };
         if let Some(b) = &self.bias {
             y = y + as_dtype(b.val(), dtype).unsqueeze::<2>();

@@ -3,7 +3,7 @@
 use burn::module::Module;
 use burn::tensor::{Tensor, backend::Backend};
 
-use crate::kernels::LlamaBackend;
+use crate::ops;
 
 use crate::error::Result;
 use crate::linear::{Linear, LinearConfig};
@@ -66,7 +66,7 @@ impl MlpConfig {
     }
 }
 
-impl<B: LlamaBackend> Mlp<B> {
+impl<B: Backend> Mlp<B> {
     /// # Shapes
     /// - x: `[batch, seq, d]`
     /// - output: `[batch, seq, d]`
@@ -74,7 +74,7 @@ impl<B: LlamaBackend> Mlp<B> {
         let [b, s, d] = x.dims();
         let x = x.reshape([b * s, d]);
         let gate = self.gate_proj.forward_2d(x.clone());
-        let hidden = B::lp_swiglu(gate, self.up_proj.forward_2d(x));
+        let hidden = ops::swiglu(gate, self.up_proj.forward_2d(x));
         let y = self.down_proj.forward_2d(hidden);
         let d_out = y.dims()[1];
         y.reshape([b, s, d_out])

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::module::{Module, Param, ParamId};
 use burn::tensor::{Int, Tensor, backend::Backend};
 
 use crate::attention::LayerCache;
@@ -10,9 +10,10 @@ use crate::block::{DecoderLayer, DecoderLayerConfig};
 use crate::config::{DType, HfConfig, LlamaConfig};
 use crate::embedding::{Embedding, EmbeddingConfig};
 use crate::error::Result;
-use crate::kernels::LlamaBackend;
 use crate::linear::{Linear, LinearConfig};
 use crate::norm::{RmsNorm, RmsNormConfig};
+use crate::ops;
+use crate::params::{NamedVisitor, visit_named};
 use crate::rope::RotaryEmbedding;
 use crate::weights::{Checkpoint, CheckpointSource, RandomInit, WeightSource};
 
@@ -276,11 +277,8 @@ impl<B: Backend> LlamaForCausalLM<B> {
 
     /// Every parameter with its HF name, in module order (`model.layers.0.self_attn.q_proj.weight`…).
     pub fn named_parameters(&self) -> Vec<NamedParam<B>> {
-        let mut v = NamedParams {
-            path: Vec::new(),
-            out: Vec::new(),
-        };
-        self.visit(&mut v);
+        let mut v = NamedParams { out: Vec::new() };
+        visit_named(self, &mut v);
         v.out
     }
 
@@ -290,7 +288,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
     }
 }
 
-impl<B: LlamaBackend> LlamaForCausalLM<B> {
+impl<B: Backend> LlamaForCausalLM<B> {
     /// Logits for every position.
     ///
     /// # Shapes
@@ -366,7 +364,7 @@ impl<B: LlamaBackend> LlamaForCausalLM<B> {
                     w.cast(burn::tensor::FloatDType::from(h.dtype()))
                 };
                 let [b, s, d] = h.dims();
-                let logits = B::lp_linear(h.reshape([b * s, d]), w);
+                let logits = ops::linear(h.reshape([b * s, d]), w);
                 let v = logits.dims()[1];
                 logits.reshape([b, s, v])
             }
@@ -387,26 +385,18 @@ pub struct NamedParam<B: Backend> {
     pub value: Tensor<B, 1>,
 }
 
-/// Collects parameters with their field paths: the derive calls `enter_module(field)` for
-/// every field (and the index for `Vec` elements) before visiting the parameter itself.
+/// Collects parameters with their HF names.
 struct NamedParams<B: Backend> {
-    path: Vec<String>,
     out: Vec<NamedParam<B>>,
 }
 
-impl<B: Backend> ModuleVisitor<B> for NamedParams<B> {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
-    }
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-    }
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+impl<B: Backend> NamedVisitor<B> for NamedParams<B> {
+    fn visit<const D: usize>(&mut self, name: &str, param: &Param<Tensor<B, D>>) {
         let tensor = param.val();
         let shape = tensor.dims().to_vec();
         let n: usize = shape.iter().product();
         self.out.push(NamedParam {
-            name: self.path.join("."),
+            name: name.to_string(),
             id: param.id,
             shape,
             value: tensor.reshape([n]),
@@ -424,13 +414,13 @@ impl<B: Backend> ModuleVisitor<B> for NamedParams<B> {
 /// - logits: `[batch, seq, vocab]`
 /// - input_ids: `[batch, seq]`
 /// - mask: `[batch, seq]`, 1.0 for real tokens, 0.0 for padding (float, any dtype)
-pub fn causal_lm_loss_sum<B: LlamaBackend>(
+pub fn causal_lm_loss_sum<B: Backend>(
     logits: Tensor<B, 3>,
     input_ids: Tensor<B, 2, Int>,
     mask: Tensor<B, 2>,
 ) -> (Tensor<B, 1>, Tensor<B, 1>) {
-    let count = crate::kernels::pair_mask(mask.clone()).sum();
-    (B::lp_causal_ce(logits, input_ids, mask), count)
+    let count = ops::pair_mask(mask.clone()).sum();
+    (ops::causal_ce(logits, input_ids, mask), count)
 }
 
 impl<B: burn::tensor::backend::AutodiffBackend> LlamaForCausalLM<B> {
@@ -441,31 +431,23 @@ impl<B: burn::tensor::backend::AutodiffBackend> LlamaForCausalLM<B> {
         grads: &B::Gradients,
     ) -> Vec<(String, Option<Tensor<B::InnerBackend, 1>>)> {
         struct V<'g, B: burn::tensor::backend::AutodiffBackend> {
-            path: Vec<String>,
             grads: &'g B::Gradients,
             out: Vec<(String, Option<Tensor<B::InnerBackend, 1>>)>,
         }
-        impl<B: burn::tensor::backend::AutodiffBackend> ModuleVisitor<B> for V<'_, B> {
-            fn enter_module(&mut self, name: &str, _: &str) {
-                self.path.push(name.to_string());
-            }
-            fn exit_module(&mut self, _: &str, _: &str) {
-                self.path.pop();
-            }
-            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        impl<B: burn::tensor::backend::AutodiffBackend> NamedVisitor<B> for V<'_, B> {
+            fn visit<const D: usize>(&mut self, name: &str, param: &Param<Tensor<B, D>>) {
                 let g = param.val().grad(self.grads).map(|g| {
                     let n = g.shape().num_elements();
                     g.reshape([n])
                 });
-                self.out.push((self.path.join("."), g));
+                self.out.push((name.to_string(), g));
             }
         }
         let mut v = V::<B> {
-            path: Vec::new(),
             grads,
             out: Vec::new(),
         };
-        self.visit(&mut v);
+        visit_named(self, &mut v);
         v.out
     }
 }

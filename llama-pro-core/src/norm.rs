@@ -3,7 +3,7 @@
 use burn::module::{Module, Param};
 use burn::tensor::{Tensor, backend::Backend};
 
-use crate::kernels::LlamaBackend;
+use crate::ops;
 
 use crate::error::Result;
 use crate::weights::{Init, WeightSource};
@@ -49,7 +49,7 @@ impl RmsNormConfig {
     }
 }
 
-impl<B: LlamaBackend> RmsNorm<B> {
+impl<B: Backend> RmsNorm<B> {
     /// # Shapes
     /// - input: `[..., size]`
     /// - output: same as input
@@ -57,6 +57,6 @@ impl<B: LlamaBackend> RmsNorm<B> {
         let dims = x.dims();
         let d = dims[D - 1];
         let rows = dims[..D - 1].iter().product();
-        B::lp_rms_norm(x.reshape([rows, d]), self.weight.val(), self.eps).reshape(dims)
+        ops::rms_norm(x.reshape([rows, d]), self.weight.val(), self.eps).reshape(dims)
     }
 }

@@ -105,21 +105,3 @@ impl RotaryEmbedding {
         )
     }
 }
-
-/// Apply RoPE to queries or keys.
-///
-/// # Shapes
-/// - x: `[batch, heads, seq, head_dim]`
-/// - cos, sin: `[seq, head_dim]`
-/// - output: `[batch, heads, seq, head_dim]`
-pub fn apply_rope<B: Backend>(
-    x: Tensor<B, 4>,
-    cos: Tensor<B, 2>,
-    sin: Tensor<B, 2>,
-) -> Tensor<B, 4> {
-    let [_, _, _, d] = x.dims();
-    let x1 = x.clone().narrow(3, 0, d / 2);
-    let x2 = x.clone().narrow(3, d / 2, d / 2);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x * cos.unsqueeze::<4>() + rotated * sin.unsqueeze::<4>()
-}

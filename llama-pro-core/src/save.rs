@@ -382,10 +382,9 @@ pub fn begin_atomic_dir(out: &Path, overwrite: bool) -> Result<PathBuf> {
             .next()
             .is_none();
         if !empty && !overwrite {
-            return Err(CoreError::Invalid(format!(
-                "output directory {} exists and is not empty (pass --overwrite to replace it)",
-                out.display()
-            )));
+            return Err(CoreError::OutputExists {
+                path: out.to_path_buf(),
+            });
         }
     }
     let parent = match out.parent() {

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{CoreError, Result};
 
 /// A HuggingFace fast tokenizer plus the special ids generation needs.
+#[derive(Clone, Debug)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     path: PathBuf,

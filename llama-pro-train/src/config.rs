@@ -1,19 +1,33 @@
-//! The training configuration: serde (TOML file) plus command-line overrides.
+//! The training configuration, typed: every value is parsed once, where it enters (the command
+//! line, a TOML file through serde, or Rust code), and checked by [`TrainConfig::validate`]
+//! with errors naming the key.
 //!
 //! Defaults are the paper's continued-pretraining recipe (LLaMA Pro §4.1, Table 7): AdamW with
 //! β = (0.9, 0.95), lr 2e-4 with 6% warmup and cosine decay, weight decay 0.1, global gradient
 //! clipping at 1.0; only the expanded blocks train. The paper's batch is 1024 × 4096 tokens; the
 //! defaults here are sized for a laptop (set `batch_size`, `grad_accum` and `seq_len`).
+//!
+//! In TOML, the list values take either the command line's short form or a table:
+//! `data = ["code.jsonl:2", { path = "prose.txt", weight = 1 }]`,
+//! `eval = ["general=prose-valid.txt", { name = "domain", path = "code-valid.jsonl" }]`,
+//! `lr_scale = ["embed_tokens=0.1", { selection = "norm", factor = 0.5 }]`, `resume = "latest"`.
 
+use std::fmt;
+use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
+use llama_pro_core::DType;
+use llama_pro_core::device::DeviceSpec;
+use llama_pro_core::freeze::Selection;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
 use crate::schedule::ScheduleKind;
 
 /// Which parameters train.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Method {
     /// LLaMA Pro: only the expanded blocks (from the layer map in config.json).
@@ -23,26 +37,201 @@ pub enum Method {
     /// Low-rank adapters on the linear layers of every block (`lora_rank`, `lora_alpha`,
     /// `lora_targets`), merged into the weights at export.
     Lora,
-    /// No expansion: train N original interleaved blocks (`interleaved[L/4]` unless `--trainable`).
+    /// No expansion: train N original interleaved blocks (`interleaved[L/4]` unless `trainable`).
     FreezeOriginals,
 }
 
 impl Method {
+    /// Every method, in the order the help lists them.
+    pub const ALL: [Method; 4] = [Self::Pro, Self::Full, Self::Lora, Self::FreezeOriginals];
+
+    /// The name in configuration files and on the command line.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Pro => "pro",
+            Self::Full => "full",
+            Self::Lora => "lora",
+            Self::FreezeOriginals => "freeze-originals",
+        }
+    }
+
     /// The default parameter selection of this method for an L-block model.
-    pub fn default_selection(&self, num_layers: usize) -> Result<String> {
-        Ok(match self {
-            Self::Pro => "expanded".into(),
+    pub fn default_selection(&self, num_layers: usize) -> Result<Selection> {
+        let spec = match self {
+            Self::Pro => "expanded".to_string(),
             Self::Full => "all".into(),
             Self::Lora => "lora".into(),
             Self::FreezeOriginals => {
                 if num_layers % 4 != 0 {
-                    return Err(TrainError::Invalid(format!(
-                        "--method freeze-originals: {num_layers} layers is not divisible by 4; give --trainable interleaved[N]"
-                    )));
+                    return Err(TrainError::setting(
+                        "method",
+                        format!(
+                            "freeze-originals: {num_layers} layers is not divisible by 4; set trainable = interleaved[N]"
+                        ),
+                    ));
                 }
                 format!("interleaved[{}]", num_layers / 4)
             }
+        };
+        Ok(Selection::parse(&spec)?)
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Method {
+    type Err = TrainError;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| {
+                TrainError::setting(
+                    "method",
+                    format!("{s:?}: expected pro, full, lora or freeze-originals"),
+                )
+            })
+    }
+}
+
+/// A training data file and its mixture weight. Short form `PATH` or `PATH:WEIGHT`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DataSource {
+    /// `.txt` (one document per line) or `.jsonl` (`{"text"}` or `{"input_ids"}` per line).
+    pub path: PathBuf,
+    /// Relative sampling weight (> 0).
+    pub weight: f64,
+}
+
+impl DataSource {
+    /// `path` with weight 1.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            weight: 1.0,
+        }
+    }
+}
+
+impl FromStr for DataSource {
+    type Err = TrainError;
+    /// `PATH` or `PATH:WEIGHT`; a suffix after the last `:` that is not a number is part of the path.
+    fn from_str(s: &str) -> Result<Self> {
+        if let Some((p, w)) = s.rsplit_once(':') {
+            if let Ok(weight) = w.parse::<f64>() {
+                if !(weight > 0.0 && weight.is_finite()) {
+                    return Err(TrainError::setting(
+                        "data",
+                        format!("{s:?}: the mixture weight must be a number > 0"),
+                    ));
+                }
+                return Ok(Self {
+                    path: p.into(),
+                    weight,
+                });
+            }
+        }
+        Ok(Self::new(s))
+    }
+}
+
+/// A named evaluation set. Short form `NAME=FILE`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EvalSet {
+    /// Name in logs, metrics and plots.
+    pub name: String,
+    /// `.txt` or `.jsonl`, read like the training data.
+    pub path: PathBuf,
+}
+
+impl FromStr for EvalSet {
+    type Err = TrainError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.split_once('=') {
+            Some((name, path)) if !name.trim().is_empty() && !path.is_empty() => Ok(Self {
+                name: name.trim().to_string(),
+                path: path.into(),
+            }),
+            _ => Err(TrainError::setting(
+                "eval",
+                format!("{s:?}: expected NAME=FILE"),
+            )),
+        }
+    }
+}
+
+/// A learning-rate factor for a group of parameters. Short form `SELECTION=FACTOR`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LrScale {
+    /// The parameters (see `llama_pro_core::freeze` for the syntax).
+    pub selection: Selection,
+    /// Multiplier of the learning rate (> 0).
+    pub factor: f64,
+}
+
+impl FromStr for LrScale {
+    type Err = TrainError;
+    fn from_str(s: &str) -> Result<Self> {
+        let (sel, f) = s.rsplit_once('=').ok_or_else(|| {
+            TrainError::setting("lr_scale", format!("{s:?}: expected SELECTION=FACTOR"))
+        })?;
+        let factor: f64 = f.trim().parse().map_err(|_| {
+            TrainError::setting("lr_scale", format!("{s:?}: {f:?} is not a number"))
+        })?;
+        Ok(Self {
+            selection: Selection::parse(sel)?,
+            factor,
         })
+    }
+}
+
+/// Where a resumed run continues from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resume {
+    /// The newest readable checkpoint in the output directory (written `latest`).
+    Latest,
+    /// A checkpoint directory.
+    From(PathBuf),
+}
+
+impl FromStr for Resume {
+    type Err = TrainError;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "latest" => Self::Latest,
+            "" => {
+                return Err(TrainError::setting(
+                    "resume",
+                    "expected `latest` or a checkpoint directory",
+                ));
+            }
+            dir => Self::From(dir.into()),
+        })
+    }
+}
+
+impl fmt::Display for Resume {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Latest => f.write_str("latest"),
+            Self::From(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+impl Serialize for Resume {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Resume {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(de::Error::custom)
     }
 }
 
@@ -50,10 +239,10 @@ impl Method {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
-    /// Model directory (HF layout; an expanded one for `--method pro`).
+    /// Model directory (HF layout; an expanded one for `Method::Pro`).
     pub model: PathBuf,
-    /// Training data: `PATH` or `PATH:WEIGHT` (mixture weight), `.txt` or `.jsonl`.
-    pub data: Vec<String>,
+    /// Training data files with their mixture weights.
+    pub data: Vec<DataSource>,
     /// Output directory: checkpoints, metrics, the final model.
     pub output: PathBuf,
     /// Which parameters train (preset).
@@ -61,16 +250,16 @@ pub struct TrainConfig {
     /// Start from a random initialisation of the model directory's `config.json` (normal(0,
     /// `initializer_range`), seeded by `seed`) instead of its weights: pretraining from scratch.
     pub random_init: bool,
-    /// LoRA rank (`--method lora`).
+    /// LoRA rank (`Method::Lora`).
     pub lora_rank: usize,
     /// LoRA alpha: the update is scaled by alpha / rank.
     pub lora_alpha: f64,
     /// Linear layers that get adapters (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj).
     pub lora_targets: Vec<String>,
     /// Explicit parameter selection, overriding the method's (see `llama-pro inspect --trainable`).
-    pub trainable: Option<String>,
-    /// Learning-rate multipliers for parameter groups, `SELECTION=FACTOR` (e.g. `embed_tokens=0.1`).
-    pub lr_scale: Vec<String>,
+    pub trainable: Option<Selection>,
+    /// Learning-rate multipliers for parameter groups (e.g. `embed_tokens=0.1`).
+    pub lr_scale: Vec<LrScale>,
     /// Optimizer steps (takes precedence over `epochs`).
     pub max_steps: Option<usize>,
     /// Passes over the training windows (used when `max_steps` is not set).
@@ -103,14 +292,14 @@ pub struct TrainConfig {
     pub adam_eps: f64,
     /// Clip the global gradient norm to this value (0 = off), as `torch.nn.utils.clip_grad_norm_`.
     pub clip_grad_norm: f64,
-    /// Compute dtype: `f32`, or `bf16`/`f16` mixed precision (frozen weights and activations in
-    /// that dtype, trainable weights and optimizer state in f32).
-    pub dtype: String,
+    /// Compute dtype: f32, or bf16/f16 mixed precision (frozen weights and activations in that
+    /// dtype, trainable weights and optimizer state in f32).
+    pub dtype: DType,
     /// Recompute memory-bound activations (norms, SwiGLU, RoPE) in the backward pass instead of
     /// storing them (burn's balanced checkpointing): less memory, some more compute.
     pub activation_checkpointing: bool,
-    /// Evaluation sets, `NAME=FILE`.
-    pub eval: Vec<String>,
+    /// Evaluation sets.
+    pub eval: Vec<EvalSet>,
     /// Evaluate on at most this many windows per set (evenly spaced through the file).
     pub eval_max_sequences: Option<usize>,
     /// Evaluate every N optimizer steps (0 = only before and after).
@@ -121,14 +310,15 @@ pub struct TrainConfig {
     pub save_every: usize,
     /// Keep the last N checkpoints.
     pub keep: usize,
-    /// Resume from `latest` or a checkpoint directory.
-    pub resume: Option<String>,
-    /// Print a log line every N optimizer steps.
+    /// Continue a run from a checkpoint.
+    pub resume: Option<Resume>,
+    /// Print a log line every N optimizer steps (0 = none; read by the command line's progress
+    /// display, not by the trainer).
     pub log_every: usize,
     /// Seed for data order and any sampling.
     pub seed: u64,
-    /// `cpu`, `wgpu[:N]` or `cuda[:N]`.
-    pub device: String,
+    /// The device to train on.
+    pub device: DeviceSpec,
     /// Peak TFLOP/s of the device for the MFU estimate (default: estimated from /proc/cpuinfo on
     /// the CPU; none on GPUs, e.g. 989 for an H100 SXM in bf16 dense).
     pub peak_tflops: Option<f64>,
@@ -166,7 +356,7 @@ impl Default for TrainConfig {
             adam_beta2: 0.95,
             adam_eps: 1e-8,
             clip_grad_norm: 1.0,
-            dtype: "f32".into(),
+            dtype: DType::F32,
             activation_checkpointing: false,
             eval: vec![],
             eval_max_sequences: None,
@@ -177,7 +367,7 @@ impl Default for TrainConfig {
             resume: None,
             log_every: 10,
             seed: 0,
-            device: "cpu".into(),
+            device: DeviceSpec::Cpu,
             peak_tflops: None,
         }
     }
@@ -197,54 +387,247 @@ impl TrainConfig {
         })
     }
 
-    /// Check values that would fail later or silently do nothing.
+    /// The configuration as TOML (what `train` saves into the run directory).
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string_pretty(self)
+            .map_err(|e| TrainError::Invalid(format!("writing the configuration as TOML: {e}")))
+    }
+
+    /// Check values that would fail later or silently do nothing; the error names the key.
     pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(TrainError::Invalid(m));
+        let bad = |key: &'static str, m: String| Err(TrainError::setting(key, m));
+        let finite_pos = |x: f64| x > 0.0 && x.is_finite();
+        let finite_nonneg = |x: f64| x >= 0.0 && x.is_finite();
         if self.model.as_os_str().is_empty() {
-            return bad("--model is required".into());
+            return bad("model", "is required".into());
         }
         if self.output.as_os_str().is_empty() {
-            return bad("--output is required".into());
+            return bad("output", "is required".into());
         }
         if self.data.is_empty() {
-            return bad("give at least one --data FILE".into());
+            return bad("data", "give at least one training file".into());
         }
-        if self.batch_size == 0 || self.grad_accum == 0 || self.seq_len < 2 {
-            return bad("--batch-size and --grad-accum must be >= 1 and --seq-len >= 2".into());
+        if let Some(d) = self.data.iter().find(|d| !finite_pos(d.weight)) {
+            return bad(
+                "data",
+                format!(
+                    "{}: the mixture weight must be a number > 0, got {}",
+                    d.path.display(),
+                    d.weight
+                ),
+            );
         }
-        if !(self.lr > 0.0 && self.lr.is_finite()) || self.min_lr < 0.0 || self.min_lr > self.lr {
-            return bad(format!(
-                "--lr must be > 0 and --min-lr in [0, lr] (lr {}, min-lr {})",
-                self.lr, self.min_lr
-            ));
+        for (i, e) in self.eval.iter().enumerate() {
+            if e.name.is_empty() {
+                return bad("eval", format!("{}: the set has no name", e.path.display()));
+            }
+            if self.eval[..i].iter().any(|o| o.name == e.name) {
+                return bad("eval", format!("the name {:?} is given twice", e.name));
+            }
+        }
+        if let Some(s) = self.lr_scale.iter().find(|s| !finite_pos(s.factor)) {
+            return bad(
+                "lr_scale",
+                format!(
+                    "{}={}: the factor must be a number > 0",
+                    s.selection, s.factor
+                ),
+            );
+        }
+        for (key, v) in [
+            ("batch_size", self.batch_size),
+            ("grad_accum", self.grad_accum),
+            ("keep", self.keep),
+        ] {
+            if v == 0 {
+                return bad(key, "must be at least 1".into());
+            }
+        }
+        if self.seq_len < 2 {
+            return bad(
+                "seq_len",
+                format!("must be at least 2, got {}", self.seq_len),
+            );
+        }
+        if !finite_pos(self.lr) {
+            return bad("lr", format!("must be a number > 0, got {}", self.lr));
+        }
+        if !(finite_nonneg(self.min_lr) && self.min_lr <= self.lr) {
+            return bad(
+                "min_lr",
+                format!("must be in [0, lr = {}], got {}", self.lr, self.min_lr),
+            );
         }
         if !(0.0..1.0).contains(&self.warmup_ratio) {
-            return bad(format!(
-                "--warmup-ratio must be in [0, 1), got {}",
-                self.warmup_ratio
-            ));
+            return bad(
+                "warmup_ratio",
+                format!("must be in [0, 1), got {}", self.warmup_ratio),
+            );
         }
-        if !(0.0..1.0).contains(&self.adam_beta1)
-            || !(0.0..1.0).contains(&self.adam_beta2)
-            || self.adam_eps <= 0.0
-        {
-            return bad("--adam-beta1/--adam-beta2 must be in [0, 1) and --adam-eps > 0".into());
+        for (key, b) in [
+            ("adam_beta1", self.adam_beta1),
+            ("adam_beta2", self.adam_beta2),
+        ] {
+            if !(0.0..1.0).contains(&b) {
+                return bad(key, format!("must be in [0, 1), got {b}"));
+            }
         }
-        if self.weight_decay < 0.0 || self.clip_grad_norm < 0.0 {
-            return bad("--weight-decay and --clip-grad-norm must be >= 0".into());
+        if !finite_pos(self.adam_eps) {
+            return bad(
+                "adam_eps",
+                format!("must be a number > 0, got {}", self.adam_eps),
+            );
         }
-        if self.max_steps == Some(0) || (self.max_steps.is_none() && !(self.epochs > 0.0)) {
-            return bad("--max-steps must be >= 1 (or --epochs > 0)".into());
+        for (key, v) in [
+            ("weight_decay", self.weight_decay),
+            ("clip_grad_norm", self.clip_grad_norm),
+        ] {
+            if !finite_nonneg(v) {
+                return bad(key, format!("must be a number >= 0, got {v}"));
+            }
         }
-        if !matches!(self.dtype.as_str(), "f32" | "bf16" | "f16") {
-            return bad(format!(
-                "--dtype {:?}: expected f32, bf16 or f16",
-                self.dtype
-            ));
+        if self.max_steps == Some(0) {
+            return bad("max_steps", "must be at least 1".into());
         }
-        if self.keep == 0 {
-            return bad("--keep must be >= 1".into());
+        if self.max_steps.is_none() && !finite_pos(self.epochs) {
+            return bad(
+                "epochs",
+                format!("must be a number > 0, got {}", self.epochs),
+            );
+        }
+        if !(0.0..1.0).contains(&self.val_fraction) {
+            return bad(
+                "val_fraction",
+                format!("must be in [0, 1), got {}", self.val_fraction),
+            );
+        }
+        if self.method == Method::Lora {
+            if self.lora_rank == 0 {
+                return bad("lora_rank", "must be at least 1".into());
+            }
+            if !finite_pos(self.lora_alpha) {
+                return bad(
+                    "lora_alpha",
+                    format!("must be a number > 0, got {}", self.lora_alpha),
+                );
+            }
+        }
+        if let Some(p) = self.peak_tflops {
+            if !finite_pos(p) {
+                return bad("peak_tflops", format!("must be a number > 0, got {p}"));
+            }
         }
         Ok(())
+    }
+
+    /// The parameters that train: `trainable` if given, else the method's default.
+    pub fn selection(&self, num_layers: usize) -> Result<Selection> {
+        match &self.trainable {
+            Some(s) => Ok(s.clone()),
+            None => self.method.default_selection(num_layers),
+        }
+    }
+}
+
+// ---- TOML/serde: the short string form or a table ----------------------------------------------
+
+/// Deserialize `T` from the command line's short string form (`T: FromStr`) or from a table
+/// (`R`, converted with `From`).
+fn str_or_table<'de, D, T, R>(d: D) -> std::result::Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: FromStr + From<R>,
+    T::Err: fmt::Display,
+    R: Deserialize<'de>,
+{
+    struct V<T, R>(PhantomData<(T, R)>);
+    impl<'de, T, R> Visitor<'de> for V<T, R>
+    where
+        T: FromStr + From<R>,
+        T::Err: fmt::Display,
+        R: Deserialize<'de>,
+    {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a string or a table")
+        }
+        fn visit_str<E: de::Error>(self, s: &str) -> std::result::Result<T, E> {
+            s.parse().map_err(E::custom)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> std::result::Result<T, A::Error> {
+            R::deserialize(de::value::MapAccessDeserializer::new(map)).map(T::from)
+        }
+    }
+    d.deserialize_any(V(PhantomData))
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DataSourceTable {
+    path: PathBuf,
+    #[serde(default = "one")]
+    weight: f64,
+}
+
+impl From<DataSourceTable> for DataSource {
+    fn from(t: DataSourceTable) -> Self {
+        Self {
+            path: t.path,
+            weight: t.weight,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DataSource {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        str_or_table::<D, Self, DataSourceTable>(d)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EvalSetTable {
+    name: String,
+    path: PathBuf,
+}
+
+impl From<EvalSetTable> for EvalSet {
+    fn from(t: EvalSetTable) -> Self {
+        Self {
+            name: t.name,
+            path: t.path,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for EvalSet {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        str_or_table::<D, Self, EvalSetTable>(d)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LrScaleTable {
+    selection: Selection,
+    factor: f64,
+}
+
+impl From<LrScaleTable> for LrScale {
+    fn from(t: LrScaleTable) -> Self {
+        Self {
+            selection: t.selection,
+            factor: t.factor,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for LrScale {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        str_or_table::<D, Self, LrScaleTable>(d)
     }
 }

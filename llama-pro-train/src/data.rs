@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use llama_pro_core::Tokenizer;
 
 use crate::error::{Result, TrainError};
+use crate::trainer::{Event, Observer};
 
 /// One document of a data file, as written.
 enum RawDoc {
@@ -125,22 +126,17 @@ pub fn read_sequences(
     vocab_size: usize,
     max_len: usize,
 ) -> Result<Vec<Vec<u32>>> {
-    read_sequences_with(
-        path,
-        tokenizer,
-        vocab_size,
-        max_len,
-        &indicatif::ProgressBar::hidden(),
-    )
+    read_sequences_with(path, tokenizer, vocab_size, max_len, &mut |_, _| {})
 }
 
-/// [`read_sequences`] advancing `bar` by one per document (its length is set here).
+/// [`read_sequences`] calling `progress(done, total)` as documents are tokenized (every 256
+/// documents and at the end).
 pub fn read_sequences_with(
     path: &Path,
     tokenizer: Option<&Tokenizer>,
     vocab_size: usize,
     max_len: usize,
-    bar: &indicatif::ProgressBar,
+    progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<Vec<u32>>> {
     let err = |line: usize, message: String| TrainError::Data {
         path: path.to_path_buf(),
@@ -149,9 +145,11 @@ pub fn read_sequences_with(
     };
     let mut out = Vec::new();
     let raw = read_raw(path)?;
-    bar.set_length(raw.len() as u64);
-    for (n, doc) in raw {
-        bar.inc(1);
+    let total = raw.len();
+    for (i, (n, doc)) in raw.into_iter().enumerate() {
+        if i % 256 == 0 {
+            progress(i, total);
+        }
         let mut ids = match doc {
             RawDoc::Ids(ids) => ids,
             RawDoc::Text(t) => tokenizer
@@ -173,6 +171,7 @@ pub fn read_sequences_with(
         ids.truncate(max_len);
         out.push(ids);
     }
+    progress(total, total);
     Ok(out)
 }
 
@@ -202,8 +201,8 @@ pub fn default_cache_dir() -> PathBuf {
 const CACHE_MAGIC: &[u8; 8] = b"LPTOK001";
 
 /// [`read_sequences`] (untruncated) through a binary cache keyed by the SHA-256 of the data file,
-/// the tokenizer file and the vocabulary size: the first run tokenizes (with a progress bar) and
-/// writes `<key>.bin` (temp file + rename); later runs memory-map it.
+/// the tokenizer file and the vocabulary size: the first run tokenizes (reporting progress to
+/// `observer`) and writes `<key>.bin` (temp file + rename); later runs memory-map it.
 ///
 /// Layout: magic, document count `n` (u64), `n + 1` offsets (u64), then the ids (u32), little-endian.
 pub fn read_documents_cached(
@@ -212,7 +211,7 @@ pub fn read_documents_cached(
     tokenizer_file: Option<&Path>,
     vocab_size: usize,
     cache_dir: &Path,
-    progress: bool,
+    observer: &mut dyn Observer,
 ) -> Result<Vec<Vec<u32>>> {
     use sha2::{Digest, Sha256};
     let io = |p: &Path, source| TrainError::Io {
@@ -236,26 +235,18 @@ pub fn read_documents_cached(
     if let Ok(docs) = read_cache(&file) {
         return Ok(docs);
     }
-    let bar = if progress {
-        eprintln!(
-            "tokenizing {} (cached afterwards in {})",
-            path.display(),
-            file.display()
-        );
-        let b = indicatif::ProgressBar::new(0);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "tokenize [{bar:30}] {pos}/{len} documents ({elapsed}, eta {eta})",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
-        b
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    let docs = read_sequences_with(path, tokenizer, vocab_size, usize::MAX, &bar)?;
-    bar.finish_and_clear();
+    observer.on_event(&Event::Info(&format!(
+        "tokenizing {} (cached afterwards in {})",
+        path.display(),
+        file.display()
+    )));
+    let docs = read_sequences_with(
+        path,
+        tokenizer,
+        vocab_size,
+        usize::MAX,
+        &mut |done, total| observer.on_event(&Event::Tokenizing { path, done, total }),
+    )?;
     // A cache that cannot be written only costs time next run; the data is still good.
     if std::fs::create_dir_all(cache_dir).is_ok() {
         let tmp = cache_dir.join(format!(".{key}.tmp-{}", std::process::id()));

@@ -2,15 +2,17 @@
 //! mixed across sources by weight, in an order that depends only on the seed and a small cursor
 //! (so a resumed run sees exactly the examples an uninterrupted one would).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use llama_pro_core::Tokenizer;
 use rand::{Rng, SeedableRng, seq::SliceRandom};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::config::DataSource;
 use crate::data::{existing, read_sequences};
 use crate::error::{Result, TrainError};
+use crate::trainer::Observer;
 
 /// One training source: its windows and mixture weight.
 #[derive(Debug, Clone)]
@@ -23,58 +25,56 @@ pub struct Source {
     pub windows: Vec<Vec<u32>>,
 }
 
-/// Parse `PATH` or `PATH:WEIGHT`.
-pub fn parse_data_spec(spec: &str) -> Result<(PathBuf, f64)> {
-    if let Some((p, w)) = spec.rsplit_once(':') {
-        if let Ok(w) = w.parse::<f64>() {
-            if !(w > 0.0 && w.is_finite()) {
-                return Err(TrainError::Invalid(format!(
-                    "--data {spec:?}: the mixture weight must be > 0"
-                )));
-            }
-            return Ok((PathBuf::from(p), w));
-        }
-    }
-    Ok((PathBuf::from(spec), 1.0))
+/// How data files become training examples for one model.
+#[derive(Debug, Clone, Copy)]
+pub struct DataContext<'a> {
+    /// The model's tokenizer (text lines need one; `input_ids` lines do not).
+    pub tokenizer: Option<&'a Tokenizer>,
+    /// Its `tokenizer.json` (part of the token cache's key).
+    pub tokenizer_file: Option<&'a Path>,
+    /// Token ids must be below this.
+    pub vocab_size: usize,
+    /// Tokens per window.
+    pub seq_len: usize,
+    /// Pack documents into full windows (EOS between them) instead of one per line.
+    pub packing: bool,
+    /// The separator when packing.
+    pub eos: Option<u32>,
+    /// The token cache directory, if caching.
+    pub cache: Option<&'a Path>,
 }
 
 /// Read a source: every document tokenized; with `packing`, documents joined with `eos` between
 /// them and cut into windows of exactly `seq_len` tokens (a last partial window is dropped unless
 /// it is the only one), else one window per document, truncated to `seq_len`.
-/// Documents are read through the token cache in `cache` (see
-/// [`read_documents_cached`](crate::data::read_documents_cached)) when given.
-#[allow(clippy::too_many_arguments)]
+/// Documents are read through the token cache when `ctx.cache` is set (see
+/// [`read_documents_cached`](crate::data::read_documents_cached)).
 pub fn load_source(
-    spec: &str,
-    tokenizer: Option<&Tokenizer>,
-    tokenizer_file: Option<&std::path::Path>,
-    vocab_size: usize,
-    seq_len: usize,
-    packing: bool,
-    eos: Option<u32>,
-    cache: Option<&std::path::Path>,
+    source: &DataSource,
+    ctx: &DataContext<'_>,
+    observer: &mut dyn Observer,
 ) -> Result<Source> {
-    let (path, weight) = parse_data_spec(spec)?;
-    let path = existing(&path)?;
-    let mut docs = match cache {
+    let path = existing(&source.path)?;
+    let mut docs = match ctx.cache {
         Some(dir) => crate::data::read_documents_cached(
             &path,
-            tokenizer,
-            tokenizer_file,
-            vocab_size,
+            ctx.tokenizer,
+            ctx.tokenizer_file,
+            ctx.vocab_size,
             dir,
-            true,
+            observer,
         )?,
-        None => read_sequences(&path, tokenizer, vocab_size, usize::MAX)?,
+        None => read_sequences(&path, ctx.tokenizer, ctx.vocab_size, usize::MAX)?,
     };
-    if !packing {
+    let seq_len = ctx.seq_len;
+    if !ctx.packing {
         docs.iter_mut().for_each(|d| d.truncate(seq_len));
     }
-    let windows = if packing {
+    let windows = if ctx.packing {
         let mut stream: Vec<u32> = Vec::with_capacity(docs.iter().map(|d| d.len() + 1).sum());
         for d in docs {
             stream.extend_from_slice(&d);
-            if let Some(e) = eos {
+            if let Some(e) = ctx.eos {
                 stream.push(e);
             }
         }
@@ -96,7 +96,7 @@ pub fn load_source(
     }
     Ok(Source {
         path,
-        weight,
+        weight: source.weight,
         windows,
     })
 }
@@ -175,7 +175,7 @@ impl ExampleStream {
     pub fn restore(&mut self, cursor: DataCursor) -> Result<()> {
         if cursor.per_source.len() != self.sources.len() {
             return Err(TrainError::Invalid(format!(
-                "the checkpoint's data cursor has {} sources, this run has {}: resume with the same --data",
+                "the checkpoint's data cursor has {} sources, this run has {}: resume with the same data files",
                 cursor.per_source.len(),
                 self.sources.len()
             )));

@@ -12,19 +12,20 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressStyle};
-use llama_pro_core::device::{DeviceSpec, OnAutodiffBackend, dispatch, dispatch_autodiff};
+use llama_pro_core::burn::tensor::backend::AutodiffBackend;
+use llama_pro_core::device::{
+    DeviceSpec, OnAutodiffBackend, dispatch_autodiff, verify_identity_on,
+};
 use llama_pro_core::expand::{ExpansionPlan, expand_checkpoint};
 use llama_pro_core::save::{SaveOptions, write_json};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Method, TrainConfig};
+use crate::config::{DataSource, EvalSet, Method, TrainConfig};
 use crate::error::{Result, TrainError};
-use crate::plot::{Panel, Series, write_png};
-use crate::trainer::{EvalPoint, RunControl, TrainReport, train};
+use crate::trainer::{EvalPoint, Event, Observer, TrainReport, train};
 
 /// A way of adding the domain.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DemoMethod {
     /// LLaMA Pro: interleaved identity blocks, only they train.
@@ -40,6 +41,26 @@ pub enum DemoMethod {
 }
 
 impl DemoMethod {
+    /// Every method, in the demo's order.
+    pub const ALL: [DemoMethod; 5] = [
+        Self::Pro,
+        Self::Full,
+        Self::Lora,
+        Self::Prefix,
+        Self::Suffix,
+    ];
+
+    /// The name in settings and on the command line.
+    pub fn key(&self) -> &'static str {
+        match self {
+            Self::Pro => "pro",
+            Self::Full => "full",
+            Self::Lora => "lora",
+            Self::Prefix => "prefix",
+            Self::Suffix => "suffix",
+        }
+    }
+
     /// Name in tables and files.
     pub fn name(&self) -> &'static str {
         match self {
@@ -49,6 +70,18 @@ impl DemoMethod {
             Self::Prefix => "prefix",
             Self::Suffix => "suffix",
         }
+    }
+}
+
+impl std::str::FromStr for DemoMethod {
+    type Err = TrainError;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL.into_iter().find(|m| m.key() == s).ok_or_else(|| {
+            TrainError::setting(
+                "methods",
+                format!("{s:?}: expected pro, full, lora, prefix or suffix"),
+            )
+        })
     }
 }
 
@@ -82,8 +115,8 @@ pub struct DemoConfig {
     pub max_general_change_pct: f64,
     /// Seed of data order and adapter init.
     pub seed: u64,
-    /// `cpu`, `wgpu[:N]`, `cuda[:N]`.
-    pub device: String,
+    /// The device.
+    pub device: DeviceSpec,
 }
 
 impl Default for DemoConfig {
@@ -91,13 +124,7 @@ impl Default for DemoConfig {
         Self {
             data_dir: default_data_dir(),
             output: PathBuf::from("demo-output"),
-            methods: vec![
-                DemoMethod::Pro,
-                DemoMethod::Full,
-                DemoMethod::Lora,
-                DemoMethod::Prefix,
-                DemoMethod::Suffix,
-            ],
+            methods: DemoMethod::ALL.to_vec(),
             steps: 150,
             batch_size: 8,
             seq_len: 128,
@@ -109,7 +136,7 @@ impl Default for DemoConfig {
             eval_sequences: 48,
             max_general_change_pct: 5.0,
             seed: 0,
-            device: "cpu".into(),
+            device: DeviceSpec::Cpu,
         }
     }
 }
@@ -188,29 +215,24 @@ pub struct DemoReport {
     pub verdict: Vec<String>,
 }
 
+/// One method's training run; only its steps reach the demo's observer (its set-up messages
+/// would repeat five times).
 struct DemoTrain<'a> {
-    cfg: &'a TrainConfig,
-    bar: &'a ProgressBar,
+    cfg: TrainConfig,
+    observer: &'a mut dyn Observer,
 }
 
 impl OnAutodiffBackend for DemoTrain<'_> {
     type Output = Result<TrainReport>;
-    fn run<B: llama_pro_core::LlamaAutodiffBackend>(self, device: B::Device) -> Self::Output {
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
         let stop = AtomicBool::new(false);
-        let bar = self.bar;
-        train::<B>(
-            self.cfg,
-            &device,
-            RunControl {
-                stop: &stop,
-                on_step: Box::new(move |m| {
-                    bar.inc(1);
-                    bar.set_message(format!("loss {:.3}", m.loss));
-                    true
-                }),
-                quiet: true,
-            },
-        )
+        let outer = self.observer;
+        let mut steps = |e: &Event<'_>| {
+            if let Event::Step(_) = e {
+                outer.on_event(e)
+            }
+        };
+        train::<B>(self.cfg, &device, &mut steps, &stop)
     }
 }
 
@@ -226,23 +248,20 @@ fn data_file(dir: &Path, name: &str) -> Result<PathBuf> {
 }
 
 /// Run the demo: expansions with identity checks, one training run per method, evaluation,
-/// table, plot and report. Fails if LLaMA Pro's expanded model is not the identity or its
-/// general loss moves more than the configured bound.
-pub fn run_demo(cfg: &DemoConfig, quiet: bool) -> Result<DemoReport> {
-    let say = |s: String| {
-        if !quiet {
-            eprintln!("{s}");
-        }
-    };
+/// table, plot (with the `plot` feature) and report, telling `observer` what happens (an
+/// [`Event::Phase`] per method, then its steps). The report says whether LLaMA Pro's expanded
+/// model was the identity and its general loss stayed within the configured bound.
+pub fn run_demo(cfg: &DemoConfig, observer: &mut dyn Observer) -> Result<DemoReport> {
     let base = data_file(&cfg.data_dir, "base")?;
     let domain_train = data_file(&cfg.data_dir, "domain-train.jsonl")?;
     let general_valid = data_file(&cfg.data_dir, "general-valid.jsonl")?;
     let domain_valid = data_file(&cfg.data_dir, "domain-valid.jsonl")?;
-    let device: DeviceSpec = cfg.device.parse()?;
-    if cfg.methods.is_empty() || cfg.steps == 0 {
-        return Err(TrainError::Invalid(
-            "the demo needs at least one method and --steps >= 1".into(),
-        ));
+    let device = cfg.device;
+    if cfg.methods.is_empty() {
+        return Err(TrainError::setting("methods", "give at least one method"));
+    }
+    if cfg.steps == 0 {
+        return Err(TrainError::setting("steps", "must be at least 1"));
     }
     std::fs::create_dir_all(&cfg.output).map_err(|source| TrainError::Io {
         path: cfg.output.clone(),
@@ -251,13 +270,13 @@ pub fn run_demo(cfg: &DemoConfig, quiet: bool) -> Result<DemoReport> {
     let base_cfg = llama_pro_core::HfConfig::from_path(&base)?.config;
     let l = base_cfg.num_hidden_layers;
     if cfg.groups == 0 || l % cfg.groups != 0 {
-        return Err(TrainError::Invalid(format!(
-            "--groups {}: must divide the base model's {l} layers",
-            cfg.groups
-        )));
+        return Err(TrainError::setting(
+            "groups",
+            format!("{}: must divide the base model's {l} layers", cfg.groups),
+        ));
     }
     let tokens = cfg.steps * cfg.batch_size * cfg.seq_len;
-    say(format!(
+    observer.on_event(&Event::Info(&format!(
         "base model {} ({} layers, {} parameters); every method trains on {} domain tokens ({} steps x {} x {})",
         base.display(),
         l,
@@ -266,26 +285,14 @@ pub fn run_demo(cfg: &DemoConfig, quiet: bool) -> Result<DemoReport> {
         cfg.steps,
         cfg.batch_size,
         cfg.seq_len
-    ));
+    )));
 
-    let bar = if quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new((cfg.steps * cfg.methods.len()) as u64)
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{prefix:>10} [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
     let mut runs = Vec::new();
     let mut verdict = Vec::new();
     let mut passed = true;
     for &m in &cfg.methods {
         let name = m.name();
-        bar.set_prefix(name);
+        observer.on_event(&Event::Phase(name));
         let plan = match m {
             DemoMethod::Pro => Some(ExpansionPlan::Interleaved {
                 groups: cfg.groups,
@@ -298,7 +305,9 @@ pub fn run_demo(cfg: &DemoConfig, quiet: bool) -> Result<DemoReport> {
         let (model_dir, identity) = match &plan {
             Some(plan) => {
                 let dir = cfg.output.join("models").join(format!("{name}-init"));
-                bar.suspend(|| say(format!("{name}: expanding the base ({plan})")));
+                observer.on_event(&Event::Info(&format!(
+                    "{name}: expanding the base ({plan})"
+                )));
                 expand_checkpoint(
                     &base,
                     &dir,
@@ -308,13 +317,7 @@ pub fn run_demo(cfg: &DemoConfig, quiet: bool) -> Result<DemoReport> {
                         ..Default::default()
                     },
                 )?;
-                let d = dispatch(
-                    device,
-                    crate::cli::IdentityCheck {
-                        base: &base,
-                        expanded: &dir,
-                    },
-                )??;
+                let d = verify_identity_on(device, &base, &dir)?;
                 let ok = d == 0.0;
                 let line = format!(
                     "{name}: expanded model {} the base before training (max |Δlogits| = {d})",
@@ -324,7 +327,7 @@ pub fn run_demo(cfg: &DemoConfig, quiet: bool) -> Result<DemoReport> {
                         "DIFFERS from"
                     }
                 );
-                bar.suspend(|| say(line.clone()));
+                observer.on_event(&Event::Info(&line));
                 if !ok {
                     passed = false;
                     verdict.push(format!("FAIL {line}"));
@@ -338,7 +341,7 @@ pub fn run_demo(cfg: &DemoConfig, quiet: bool) -> Result<DemoReport> {
         let out = cfg.output.join("runs").join(name);
         let train_cfg = TrainConfig {
             model: model_dir,
-            data: vec![domain_train.display().to_string()],
+            data: vec![DataSource::new(&domain_train)],
             output: out.clone(),
             method: match m {
                 DemoMethod::Full => Method::Full,
@@ -352,23 +355,29 @@ pub fn run_demo(cfg: &DemoConfig, quiet: bool) -> Result<DemoReport> {
             seq_len: cfg.seq_len,
             lr: cfg.lr,
             eval: vec![
-                format!("general={}", general_valid.display()),
-                format!("domain={}", domain_valid.display()),
+                EvalSet {
+                    name: "general".into(),
+                    path: general_valid.clone(),
+                },
+                EvalSet {
+                    name: "domain".into(),
+                    path: domain_valid.clone(),
+                },
             ],
             eval_max_sequences: Some(cfg.eval_sequences),
             eval_every: (cfg.steps / (cfg.evals_during + 1)).max(1),
             log_every: 0,
             keep: 1,
             seed: cfg.seed,
-            device: cfg.device.clone(),
+            device,
             ..TrainConfig::default()
         };
         let start = Instant::now();
         let r = dispatch_autodiff(
             device,
             DemoTrain {
-                cfg: &train_cfg,
-                bar: &bar,
+                cfg: train_cfg,
+                observer: &mut *observer,
             },
         )??;
         let seconds = start.elapsed().as_secs_f64();
@@ -386,16 +395,14 @@ pub fn run_demo(cfg: &DemoConfig, quiet: bool) -> Result<DemoReport> {
             seconds,
             tokens_per_sec: r.tokens_per_sec,
         };
-        bar.suspend(|| {
-            say(format!(
-                "{name}: domain {:.3} -> {:.3}, general {:.3} -> {:.3} ({:+.2}%), {seconds:.0} s",
-                loss_of(&run.before, "domain"),
-                loss_of(&run.after, "domain"),
-                loss_of(&run.before, "general"),
-                loss_of(&run.after, "general"),
-                run.change_pct("general")
-            ))
-        });
+        observer.on_event(&Event::Info(&format!(
+            "{name}: domain {:.3} -> {:.3}, general {:.3} -> {:.3} ({:+.2}%), {seconds:.0} s",
+            loss_of(&run.before, "domain"),
+            loss_of(&run.after, "domain"),
+            loss_of(&run.before, "general"),
+            loss_of(&run.after, "general"),
+            run.change_pct("general")
+        )));
         if m == DemoMethod::Pro {
             let g = run.change_pct("general");
             let ok = g.is_finite() && g <= cfg.max_general_change_pct;
@@ -408,7 +415,6 @@ pub fn run_demo(cfg: &DemoConfig, quiet: bool) -> Result<DemoReport> {
         }
         runs.push(run);
     }
-    bar.finish_and_clear();
     let report = DemoReport {
         config: cfg.clone(),
         tokens_per_method: tokens,
@@ -416,10 +422,10 @@ pub fn run_demo(cfg: &DemoConfig, quiet: bool) -> Result<DemoReport> {
         passed,
         verdict,
     };
-    write_json(
-        &cfg.output.join("demo.json"),
-        &serde_json::to_value(&report).unwrap_or_default(),
-    )?;
+    let json = serde_json::to_value(&report)
+        .map_err(|e| TrainError::Invalid(format!("serializing the demo report: {e}")))?;
+    write_json(&cfg.output.join("demo.json"), &json)?;
+    #[cfg(feature = "plot")]
     plot_demo(&report, &cfg.output.join("forgetting.png"))?;
     Ok(report)
 }
@@ -465,7 +471,9 @@ pub fn demo_table(r: &DemoReport) -> String {
 
 /// Three panels: domain loss and general loss over the steps, and the path of every method in
 /// the (domain loss, general loss) plane.
+#[cfg(feature = "plot")]
 pub fn plot_demo(r: &DemoReport, path: &Path) -> Result<()> {
+    use crate::plot::{Panel, Series, write_png};
     let series = |f: &dyn Fn(&EvalPoint) -> Option<(f64, f64)>| -> Vec<Series> {
         r.runs
             .iter()

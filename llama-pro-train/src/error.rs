@@ -30,7 +30,35 @@ pub enum TrainError {
         #[source]
         source: std::io::Error,
     },
+    /// A configuration value that cannot work, named by its key (the field of
+    /// [`TrainConfig`](crate::config::TrainConfig), which is the TOML key and, with dashes, the
+    /// command-line flag).
+    #[error("{}", llama_pro_core::error::setting_text(key, message))]
+    Setting {
+        /// The key.
+        key: String,
+        /// The value given and what was expected.
+        message: String,
+    },
     /// Anything else, with a message naming the culprit.
     #[error("{0}")]
     Invalid(String),
+}
+
+impl TrainError {
+    /// A [`TrainError::Setting`].
+    pub fn setting(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Setting {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    /// An I/O error on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
 }

@@ -42,7 +42,7 @@ pub fn pad_batch<B: Backend>(
 /// Mean loss over all predicted tokens of all sequences (each sequence on its own: no packing),
 /// as transformers computes it with `labels = input_ids` and `-100` on padding.
 /// `on_batch` is called after each batch with the number of sequences done.
-pub fn evaluate<B: llama_pro_core::LlamaBackend>(
+pub fn evaluate<B: Backend>(
     model: &LlamaForCausalLM<B>,
     seqs: &[Vec<u32>],
     batch_size: usize,
@@ -88,7 +88,7 @@ pub fn evaluate<B: llama_pro_core::LlamaBackend>(
     })
 }
 
-fn scalar<B: Backend>(t: Tensor<B, 1>) -> Result<f64> {
+pub(crate) fn scalar<B: Backend>(t: Tensor<B, 1>) -> Result<f64> {
     let v = t
         .into_data()
         .convert::<f64>()

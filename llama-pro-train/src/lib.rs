@@ -1,12 +1,14 @@
 //! # llama-pro-train
 //!
-//! Data (tokenization, packing, mixtures), the training loop (AdamW, warmup + decay, global
-//! clipping, accumulation, checkpoints with exact resume), evaluation and the `llama-pro`
-//! command-line interface.
-//! No model math lives here: the model, its loss and generation are in `llama-pro-core`.
+//! Data (tokenization, packing, mixtures), the trainer (AdamW, warmup + decay, global clipping,
+//! accumulation, checkpoints with exact resume), evaluation and the demo. No model math lives
+//! here: the model, its loss and generation are in `llama-pro-core`. No terminal either: runs
+//! report to an [`Observer`](trainer::Observer); the `llama-pro` binary owns the command line.
+//!
+//! Features: `cpu` (default), `wgpu`, `cuda` make backends available; `plot` draws PNG loss
+//! plots (`loss.png`, the demo's `forgetting.png`) with plotters.
 #![warn(missing_docs)]
 
-pub mod cli;
 pub mod config;
 pub mod data;
 pub mod dataset;
@@ -15,6 +17,7 @@ pub mod error;
 pub mod eval;
 pub mod flops;
 pub mod optim;
+#[cfg(feature = "plot")]
 pub mod plot;
 pub mod schedule;
 pub mod tokenizer_train;

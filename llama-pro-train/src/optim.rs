@@ -3,17 +3,16 @@
 //! burn's `AdamW` updates a parameter with about a dozen whole-tensor ops (moment updates, bias
 //! corrections, square root, division, decay), each reading and writing the full tensor: 7% of
 //! a CPU training step of the M benchmark. [`FusedAdamW`] does the same arithmetic in one pass
-//! through [`LlamaBackend::adamw_kernel`] and falls back to burn's `AdamW` where the backend has
-//! no kernel (GPU backends, half-precision parameters). Its state is burn's `AdamWState`, so
+//! through [`llama_pro_core::ops::adamw`] and falls back to burn's `AdamW` where the backend has
+//! no kernel (GPU backends, half-precision parameters, any other backend). Its state is burn's `AdamWState`, so
 //! optimizer records (checkpoints) are the same as with burn's `AdamW`.
 
 use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, SimpleOptimizer};
-use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Tensor, TensorPrimitive};
-use llama_pro_core::LlamaBackend;
-use llama_pro_core::kernels::AdamWStep;
+use burn::tensor::Tensor;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use llama_pro_core::ops::{AdamWStep, adamw};
 
 /// AdamW (decoupled weight decay), fused on backends with a kernel.
 #[derive(Clone)]
@@ -44,15 +43,12 @@ impl FusedAdamW {
     }
 
     /// The optimizer for module `M` on autodiff backend `B`.
-    pub fn init<B: AutodiffBackend, M: AutodiffModule<B>>(self) -> OptimizerAdaptor<Self, M, B>
-    where
-        B::InnerBackend: LlamaBackend,
-    {
+    pub fn init<B: AutodiffBackend, M: AutodiffModule<B>>(self) -> OptimizerAdaptor<Self, M, B> {
         OptimizerAdaptor::from(self)
     }
 }
 
-impl<B: LlamaBackend> SimpleOptimizer<B> for FusedAdamW {
+impl<B: Backend> SimpleOptimizer<B> for FusedAdamW {
     type State<const D: usize> = AdamWState<B, D>;
 
     fn step<const D: usize>(
@@ -71,15 +67,13 @@ impl<B: LlamaBackend> SimpleOptimizer<B> for FusedAdamW {
             weight_decay: self.weight_decay,
             time,
         };
-        let prim = |t: &Tensor<B, D>| t.clone().into_primitive().tensor();
         let moments = state
             .as_ref()
-            .map(|s| (prim(&s.momentum.moment_1), prim(&s.momentum.moment_2)));
-        match B::adamw_kernel(prim(&tensor), prim(&grad), moments, step) {
+            .map(|s| (s.momentum.moment_1.clone(), s.momentum.moment_2.clone()));
+        match adamw(tensor.clone(), grad.clone(), moments, step) {
             Some([p, m, v]) => {
-                let t = |x| Tensor::from_primitive(TensorPrimitive::Float(x));
-                let momentum = AdaptiveMomentumState::new(time, t(m), t(v));
-                (t(p), Some(AdamWState::new(momentum)))
+                let momentum = AdaptiveMomentumState::new(time, m, v);
+                (p, Some(AdamWState::new(momentum)))
             }
             None => self.composed.step(lr, tensor, grad, state),
         }

@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The decay after warmup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ScheduleKind {
     /// Constant after warmup.
@@ -18,6 +18,41 @@ pub enum ScheduleKind {
     Linear,
     /// Cosine decay to `min_lr` (the paper).
     Cosine,
+}
+
+impl ScheduleKind {
+    /// Every kind, as the help lists them.
+    pub const ALL: [ScheduleKind; 3] = [Self::Constant, Self::Linear, Self::Cosine];
+
+    /// The name in configuration files and on the command line.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Constant => "constant",
+            Self::Linear => "linear",
+            Self::Cosine => "cosine",
+        }
+    }
+}
+
+impl std::fmt::Display for ScheduleKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for ScheduleKind {
+    type Err = crate::TrainError;
+    fn from_str(s: &str) -> crate::Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| {
+                crate::TrainError::setting(
+                    "lr_schedule",
+                    format!("{s:?}: expected constant, linear or cosine"),
+                )
+            })
+    }
 }
 
 /// A learning-rate schedule over a fixed number of optimizer steps.

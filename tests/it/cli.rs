@@ -180,7 +180,10 @@ fn eval_reads_text_and_reports_bad_data() {
         "--device",
         "tpu",
     ]);
-    assert!(e.contains("--device \"tpu\""), "{e}");
+    assert!(
+        e.contains("--device") && e.contains("\"tpu\": expected cpu"),
+        "{e}"
+    );
     #[cfg(not(feature = "cuda"))]
     {
         let e = run_err(&[
@@ -339,4 +342,33 @@ fn train_cli_lora_mixed_precision_and_clear_errors() {
     let args = lora(&["--lora-targets", "q_proj,wq"]);
     let e = run_err(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(e.contains("\"wq\"") && e.contains("q_proj"), "{e}");
+    // Library errors that name a setting are shown with its flag; values are parsed by the flag.
+    let args = lora(&["--warmup-ratio", "1.5"]);
+    let e = run_err(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        e.contains("--warmup-ratio: must be in [0, 1), got 1.5"),
+        "{e}"
+    );
+    let args = lora(&["--dtype", "int8"]);
+    let e = run_err(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        e.contains("--dtype") && e.contains("int8") && e.contains("bf16"),
+        "{e}"
+    );
+    let args = lora(&["--data", "x.txt:-1"]);
+    let e = run_err(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(e.contains("--data") && e.contains("weight must be"), "{e}");
+    let args = lora(&["--eval", "general"]);
+    let e = run_err(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(e.contains("--eval") && e.contains("NAME=FILE"), "{e}");
+    let e = run_err(&[
+        "expand",
+        "--model",
+        model.to_str().unwrap(),
+        "--output",
+        out.join("x").to_str().unwrap(),
+        "--groups",
+        "3",
+    ]);
+    assert!(e.contains("--groups 3: 4 layers cannot be split"), "{e}");
 }

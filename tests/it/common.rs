@@ -168,21 +168,31 @@ pub fn expanded_fixture(model: &str, tag: &str) -> PathBuf {
     out
 }
 
-/// Train on the CPU (autodiff) without output, calling `on_step` after every step.
+/// Train with `train` on backend `B` without output, calling `on_step` after every step;
+/// when it returns false the run stops as on Ctrl-C (checkpoint, `interrupted`).
+pub fn train_on<B: burn::tensor::backend::AutodiffBackend>(
+    cfg: &llama_pro::train::config::TrainConfig,
+    device: &B::Device,
+    mut on_step: impl FnMut(&llama_pro::train::trainer::StepMetrics) -> bool,
+) -> Result<llama_pro::train::trainer::TrainReport, llama_pro::train::TrainError> {
+    use llama_pro::train::trainer::Event;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut observer = |e: &Event<'_>| {
+        if let Event::Step(m) = e {
+            if !on_step(m) {
+                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    };
+    llama_pro::train::trainer::train::<B>(cfg.clone(), device, &mut observer, &stop)
+}
+
+/// [`train_on`] the CPU (autodiff).
 pub fn train_cpu(
     cfg: &llama_pro::train::config::TrainConfig,
     on_step: impl FnMut(&llama_pro::train::trainer::StepMetrics) -> bool,
 ) -> Result<llama_pro::train::trainer::TrainReport, llama_pro::train::TrainError> {
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    llama_pro::train::trainer::train::<burn::backend::Autodiff<Cpu>>(
-        cfg,
-        &Default::default(),
-        llama_pro::train::trainer::RunControl {
-            stop: &stop,
-            on_step: Box::new(on_step),
-            quiet: true,
-        },
-    )
+    train_on::<burn::backend::Autodiff<Cpu>>(cfg, &Default::default(), on_step)
 }
 
 /// `tok` gives the ids recorded by transformers in the golden file `{"text", "ids"}` cases

@@ -7,7 +7,7 @@ use burn::tensor::{Tensor, TensorData};
 use llama_pro::core::linear::LinearConfig;
 use llama_pro::core::weights::Checkpoint;
 use llama_pro::core::{DType, LlamaForCausalLM, Tokenizer};
-use llama_pro::train::config::{Method, TrainConfig};
+use llama_pro::train::config::{DataSource, EvalSet, Method, TrainConfig};
 use llama_pro::train::demo::{DemoConfig, DemoMethod, run_demo};
 use llama_pro::train::eval::evaluate;
 use llama_pro::train::trainer::TrainReport;
@@ -18,8 +18,8 @@ fn run(cfg: &TrainConfig) -> Result<TrainReport, llama_pro::train::TrainError> {
     train_cpu(cfg, |_| true)
 }
 
-fn seqs() -> String {
-    fixtures().join("train/seqs.jsonl").display().to_string()
+fn seqs() -> PathBuf {
+    fixtures().join("train/seqs.jsonl")
 }
 
 fn is_png(p: &Path) -> bool {
@@ -106,8 +106,11 @@ fn lora_training_trains_adapters_and_exports_merged() {
     let out = tmpdir("lora-run");
     let cfg = TrainConfig {
         model: model.clone(),
-        data: vec![seqs()],
-        eval: vec![format!("train={}", seqs())],
+        data: vec![DataSource::new(seqs())],
+        eval: vec![EvalSet {
+            name: "train".into(),
+            path: seqs(),
+        }],
         output: out.clone(),
         method: Method::Lora,
         lora_rank: 4,
@@ -122,7 +125,18 @@ fn lora_training_trains_adapters_and_exports_merged() {
         token_cache: false,
         ..Default::default()
     };
-    let r = run(&cfg).unwrap();
+    // The loss plot is an observer (the command line attaches it).
+    let mut plot =
+        llama_pro::train::trainer::LossPlot::new(&out.join("metrics.jsonl"), &out.join("loss.png"));
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let r = llama_pro::train::trainer::train::<burn::backend::Autodiff<Cpu>>(
+        cfg.clone(),
+        &Default::default(),
+        &mut plot,
+        &stop,
+    )
+    .unwrap();
+    assert!(plot.warnings.is_empty(), "{:?}", plot.warnings);
     let (before, after) = (r.eval_before["train"].loss, r.eval_after["train"].loss);
     println!(
         "lora: train-set loss {before:.4} -> {after:.4}, {} trainable",
@@ -154,8 +168,7 @@ fn lora_training_trains_adapters_and_exports_merged() {
         LlamaForCausalLM::<Cpu>::from_pretrained(out.join("model"), &dev, Some(DType::F32))
             .unwrap();
     let tok = Tokenizer::from_dir(&model, Some(1), &[2]).unwrap();
-    let data =
-        llama_pro::train::data::read_sequences(Path::new(&seqs()), Some(&tok), 320, 64).unwrap();
+    let data = llama_pro::train::data::read_sequences(&seqs(), Some(&tok), 320, 64).unwrap();
     let e = evaluate(&m, &data, 2, &dev, |_| {}).unwrap();
     println!(
         "merged export: loss {:.6} vs in-training {after:.6}",
@@ -175,7 +188,7 @@ fn random_init_pretraining() {
     }
     let cfg = |out: &str| TrainConfig {
         model: dir.clone(),
-        data: vec![seqs()],
+        data: vec![DataSource::new(seqs())],
         output: dir.with_file_name(out),
         method: Method::Full,
         random_init: true,
@@ -284,7 +297,7 @@ fn demo_runs_on_the_shipped_data() {
         eval_sequences: 2,
         ..DemoConfig::default()
     };
-    let r = run_demo(&cfg, true).unwrap();
+    let r = run_demo(&cfg, &mut llama_pro::train::trainer::silent()).unwrap();
     print!("{}", llama_pro::train::demo::demo_table(&r));
     assert!(r.passed, "{:?}", r.verdict);
     assert_eq!(r.runs.len(), 3);

@@ -105,7 +105,7 @@ fn plan_errors_are_clear() {
         32,
     );
     assert!(
-        s.contains("--groups 5") && s.contains("N must divide 32: 1, 2, 4, 8, 16, 32"),
+        s.contains("groups 5") && s.contains("N must divide 32: 1, 2, 4, 8, 16, 32"),
         "{s}"
     );
     let s = e(
@@ -116,7 +116,7 @@ fn plan_errors_are_clear() {
         32,
     );
     assert!(
-        s.contains("--copies 9 is larger than the group size 8"),
+        s.contains("copies 9 is larger than the group size 8"),
         "{s}"
     );
     assert!(
@@ -201,7 +201,7 @@ fn ids<B: Backend>(device: &B::Device) -> Tensor<B, 2, Int> {
     Golden::open("llama-mha-f32").ids::<B>("input_ids", device)
 }
 
-fn logits_bytes<B: llama_pro::core::LlamaBackend>(
+fn logits_bytes<B: burn::tensor::backend::Backend>(
     m: &LlamaForCausalLM<B>,
     device: &B::Device,
 ) -> Vec<u8> {
@@ -304,7 +304,7 @@ fn load_expanded<B: Backend>(dir: &Path, device: &B::Device) -> (LlamaForCausalL
     (model, map)
 }
 
-fn mean_loss<B: llama_pro::core::LlamaBackend>(
+fn mean_loss<B: burn::tensor::backend::Backend>(
     model: &LlamaForCausalLM<B>,
     device: &B::Device,
 ) -> Tensor<B, 1> {

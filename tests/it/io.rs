@@ -211,7 +211,7 @@ fn save_refuses_a_non_empty_directory_and_leaves_no_temp() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("exists and is not empty") && e.contains("--overwrite"),
+        e.contains("exists and is not empty") && e.contains("overwrit"),
         "{e}"
     );
     assert_eq!(
@@ -415,7 +415,7 @@ fn device_strings() {
     );
     let e = "tpu".parse::<DeviceSpec>().unwrap_err().to_string();
     assert!(
-        e.contains("--device \"tpu\"") && e.contains("expected cpu"),
+        e.contains("device \"tpu\"") && e.contains("expected cpu"),
         "{e}"
     );
     let e = "cuda:x".parse::<DeviceSpec>().unwrap_err().to_string();

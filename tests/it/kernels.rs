@@ -1,4 +1,4 @@
-//! The CPU kernels (`llama-pro-core/src/kernels/cpu.rs`) against the same operations composed
+//! The CPU kernels (`llama-pro-core/src/ops/cpu.rs`) against the same operations composed
 //! from burn tensor ops and differentiated by burn's autodiff: outputs and every input
 //! gradient, on shapes that exercise the edge cases (GQA, a sliding window, a sequence that is
 //! not a multiple of the attention block, masked loss positions). End-to-end agreement with
@@ -6,8 +6,8 @@
 //! which run through the kernels too.
 
 use burn::backend::{Autodiff, Flex};
-use burn::tensor::{Int, Tensor, TensorData, TensorPrimitive};
-use llama_pro::core::kernels::{AttentionShape, LlamaBackend, without_kernels};
+use burn::tensor::{Int, Tensor, TensorData};
+use llama_pro::core::ops::{self, AttentionShape, without_kernels};
 use llama_pro::core::rope::RotaryEmbedding;
 use llama_pro::core::{DType, LlamaConfig};
 
@@ -84,24 +84,22 @@ fn check<const D: usize, const O: usize>(
     }
 }
 
-fn prim<const D: usize>(t: &Tensor<A, D>) -> burn::tensor::ops::FloatTensor<Flex> {
-    match t.clone().inner().into_primitive() {
-        TensorPrimitive::Float(p) => p,
-        TensorPrimitive::QFloat(_) => unreachable!(),
-    }
+/// Runs `f` and checks that a fused kernel computed it.
+fn used_kernel<R>(f: impl FnOnce() -> R) -> R {
+    let before = ops::kernel_calls();
+    let r = f();
+    assert!(ops::kernel_calls() > before, "kernel not used");
+    r
 }
 
 #[test]
 fn linear_norm_swiglu_kernels_match_composition() {
     let (x, w) = (leaf([37, 48], 1, 1.0), leaf([20, 48], 2, 0.3));
-    assert!(
-        Flex::linear_kernel(prim(&x), prim(&w)).is_some(),
-        "kernel not used"
-    );
+    used_kernel(|| ops::linear(x.clone(), w.clone()));
     check(
         "linear",
         &[x, w],
-        &|v| A::lp_linear(v[0].clone(), v[1].clone()),
+        &|v| ops::linear(v[0].clone(), v[1].clone()),
         1e-5,
     );
 
@@ -117,7 +115,7 @@ fn linear_norm_swiglu_kernels_match_composition() {
     check(
         "rms_norm",
         &[x, w],
-        &|v| A::lp_rms_norm(v[0].clone(), v[1].clone().reshape([48]), 1e-5),
+        &|v| ops::rms_norm(v[0].clone(), v[1].clone().reshape([48]), 1e-5),
         1e-5,
     );
 
@@ -125,7 +123,7 @@ fn linear_norm_swiglu_kernels_match_composition() {
     check(
         "swiglu",
         &[g, u],
-        &|v| A::lp_swiglu(v[0].clone(), v[1].clone()),
+        &|v| ops::swiglu(v[0].clone(), v[1].clone()),
         1e-5,
     );
 }
@@ -150,14 +148,15 @@ fn attention_kernel_matches_composition() {
         let q = leaf([rows, 64], 7, 1.0);
         let k = leaf([rows, 32], 8, 1.0);
         let v = leaf([rows, 32], 9, 1.0);
-        let used =
-            Flex::attention_kernel(prim(&q), prim(&k), prim(&v), prim(&cos), prim(&sin), shape);
-        assert!(used.is_some(), "kernel not used");
+        used_kernel(|| {
+            let (q, k, v) = (q.clone(), k.clone(), v.clone());
+            ops::attention(q, k, v, cos.clone(), sin.clone(), shape)
+        });
         check(
             &format!("attention s={seq} w={window:?}"),
             &[q, k, v],
             &|t| {
-                A::lp_attention(
+                ops::attention(
                     t[0].clone(),
                     t[1].clone(),
                     t[2].clone(),
@@ -187,19 +186,14 @@ fn cross_entropy_kernel_matches_composition() {
     }
     m[2 * s + 5] = 0.0;
     let mask = Tensor::<A, 2>::from_data(TensorData::new(m, [b, s]), &Default::default());
-    assert!(
-        Flex::causal_ce_kernel(
-            prim(&logits.clone().reshape([b, s, v])),
-            ids.clone().inner().into_primitive(),
-            prim(&mask)
-        )
-        .is_some(),
-        "kernel not used"
-    );
+    used_kernel(|| {
+        let logits = logits.clone().reshape([b, s, v]);
+        ops::causal_ce(logits, ids.clone(), mask.clone())
+    });
     check(
         "causal cross-entropy",
         &[logits],
-        &|t| A::lp_causal_ce(t[0].clone().reshape([b, s, v]), ids.clone(), mask.clone()),
+        &|t| ops::causal_ce(t[0].clone().reshape([b, s, v]), ids.clone(), mask.clone()),
         1e-5,
     );
 }
@@ -237,7 +231,7 @@ fn fused_adamw_matches_burn_adamw() {
         b = plain.step(1e-2, b, gb);
     }
     let p = leaf([4, 3], 13, 1.0);
-    let step = llama_pro::core::kernels::AdamWStep {
+    let step = ops::AdamWStep {
         lr: 1e-2,
         beta_1: 0.9,
         beta_2: 0.95,
@@ -245,10 +239,7 @@ fn fused_adamw_matches_burn_adamw() {
         weight_decay: 0.1,
         time: 1,
     };
-    assert!(
-        Flex::adamw_kernel(prim(&p), prim(&p), None, step).is_some(),
-        "kernel not used"
-    );
+    used_kernel(|| assert!(ops::adamw(p.clone().inner(), p.inner(), None, step).is_some()));
     let (va, vb) = (to_vec(a.w.val()).0, to_vec(b.w.val()).0);
     let d = max_abs_diff(&va, &vb);
     println!("fused AdamW vs burn AdamW after 3 steps: max|Δ| = {d:.2e}");

@@ -6,7 +6,7 @@ use llama_pro::core::{DType, KvCache, LlamaForCausalLM};
 use crate::common::*;
 
 /// Logits, every block output, the final norm, losses and KV-cache logits in f32 ≤ 1e-4.
-pub fn parity_on<B: llama_pro::core::LlamaBackend>(device: &B::Device) {
+pub fn parity_on<B: burn::tensor::backend::Backend>(device: &B::Device) {
     for name in MODELS {
         let golden = Golden::open(name);
         let (model, _) =

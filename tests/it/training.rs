@@ -2,13 +2,13 @@
 //! non-finite stops; frozen parameters untouched.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 
 use burn::backend::Autodiff;
+use llama_pro::core::DType;
 use llama_pro::core::weights::Checkpoint;
-use llama_pro::train::config::TrainConfig;
+use llama_pro::train::config::{DataSource, EvalSet, TrainConfig};
 use llama_pro::train::schedule::ScheduleKind;
-use llama_pro::train::trainer::{RunControl, StepMetrics, TrainReport, train};
+use llama_pro::train::trainer::{StepMetrics, TrainReport};
 
 use crate::common::*;
 
@@ -19,7 +19,7 @@ fn expanded(tag: &str) -> PathBuf {
 fn base_config(model: &Path, output: &Path) -> TrainConfig {
     TrainConfig {
         model: model.to_path_buf(),
-        data: vec![fixtures().join("train/seqs.jsonl").display().to_string()],
+        data: vec![DataSource::new(fixtures().join("train/seqs.jsonl"))],
         output: output.to_path_buf(),
         lr: 1e-3,
         lr_schedule: ScheduleKind::Constant,
@@ -143,13 +143,11 @@ fn resume_is_bitwise() {
     let dir = model.parent().unwrap().to_path_buf();
     let cfg = |out: &str| TrainConfig {
         data: vec![
-            fixtures().join("train/seqs.jsonl").display().to_string(),
-            format!(
-                "{}:2",
-                Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("examples/data/code.txt")
-                    .display()
-            ),
+            DataSource::new(fixtures().join("train/seqs.jsonl")),
+            DataSource {
+                path: Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/code.txt"),
+                weight: 2.0,
+            },
         ],
         max_steps: Some(6),
         batch_size: 2,
@@ -172,7 +170,7 @@ fn resume_is_bitwise() {
     assert_eq!(part.losses, full.losses[..3]);
     assert!(dir.join("split/checkpoints/step-3/state.json").exists());
     let resumed = run(&TrainConfig {
-        resume: Some("latest".into()),
+        resume: Some(llama_pro::train::config::Resume::Latest),
         ..cfg("split")
     });
     assert_eq!(
@@ -281,44 +279,48 @@ fn bad_training_options_are_clear() {
     let out = model.parent().unwrap().join("run");
     let base = base_config(&model, &out);
     let err = |c: TrainConfig| run_with(&c, |_| true).unwrap_err().to_string();
+    // Values are parsed once, where they enter; the errors name the key and the value.
+    let e = "int8".parse::<DType>().unwrap_err().to_string();
     assert!(
-        err(TrainConfig {
-            dtype: "int8".into(),
-            ..base.clone()
-        })
-        .contains("--dtype \"int8\": expected f32, bf16 or f16")
+        e.contains("dtype \"int8\": expected f32, bf16 or f16"),
+        "{e}"
     );
     assert!(
         err(TrainConfig {
-            data: vec!["nope.txt".into()],
+            data: vec![DataSource::new("nope.txt")],
             ..base.clone()
         })
         .contains("nope.txt")
     );
+    let e = "x.txt:-1".parse::<DataSource>().unwrap_err().to_string();
     assert!(
-        err(TrainConfig {
-            data: vec!["x.txt:-1".into()],
-            ..base.clone()
-        })
-        .contains("weight must be > 0")
+        e.contains("data \"x.txt:-1\"") && e.contains("weight must be"),
+        "{e}"
+    );
+    let e = err(TrainConfig {
+        data: vec![DataSource {
+            path: "x.txt".into(),
+            weight: f64::NAN,
+        }],
+        ..base.clone()
+    });
+    assert!(e.contains("data") && e.contains("weight must be"), "{e}");
+    let e = "general".parse::<EvalSet>().unwrap_err().to_string();
+    assert!(
+        e.contains("eval \"general\"") && e.contains("NAME=FILE"),
+        "{e}"
+    );
+    let e = err(TrainConfig {
+        warmup_ratio: 1.5,
+        ..base.clone()
+    });
+    assert!(
+        e.contains("warmup_ratio: must be in [0, 1), got 1.5"),
+        "{e}"
     );
     assert!(
         err(TrainConfig {
-            eval: vec!["general".into()],
-            ..base.clone()
-        })
-        .contains("NAME=FILE")
-    );
-    assert!(
-        err(TrainConfig {
-            warmup_ratio: 1.5,
-            ..base.clone()
-        })
-        .contains("--warmup-ratio")
-    );
-    assert!(
-        err(TrainConfig {
-            trainable: Some("layers[99]".into()),
+            trainable: Some("layers[99]".parse().unwrap()),
             ..base.clone()
         })
         .contains("layer 99 does not exist")
@@ -332,16 +334,73 @@ fn bad_training_options_are_clear() {
         e.contains("no expanded blocks") && e.contains("llama-pro expand"),
         "{e}"
     );
-    // Config files reject unknown keys.
+    // Config files reject unknown keys and bad values, naming the key.
     let toml = out.parent().unwrap().join("bad.toml");
     std::fs::write(&toml, "lr = 1e-3\nlearning_rate = 2\n").unwrap();
     let e = TrainConfig::from_toml(&toml).unwrap_err().to_string();
     assert!(e.contains("bad.toml") && e.contains("learning_rate"), "{e}");
+    std::fs::write(&toml, "dtype = \"int8\"\n").unwrap();
+    let e = TrainConfig::from_toml(&toml).unwrap_err().to_string();
+    assert!(
+        e.contains("bad.toml") && e.contains("dtype") && e.contains("int8"),
+        "{e}"
+    );
+    std::fs::write(&toml, "data = [{ path = \"a.txt\", wieght = 2 }]\n").unwrap();
+    let e = TrainConfig::from_toml(&toml).unwrap_err().to_string();
+    assert!(e.contains("data") && e.contains("wieght"), "{e}");
+}
+
+/// The TOML file takes the command line's short forms or tables, and what a run saves reads back
+/// as the same configuration.
+#[test]
+fn toml_config_is_typed_and_round_trips() {
+    let dir = tmpdir("toml-config");
+    let toml = dir.join("train.toml");
+    std::fs::write(
+        &toml,
+        r#"
+model = "m"
+output = "out"
+data = ["code.jsonl:2", { path = "prose.txt" }]
+eval = ["general=g.txt", { name = "domain", path = "d.jsonl" }]
+lr_scale = ["embed_tokens=0.1", { selection = "norm", factor = 0.5 }]
+trainable = "expanded+embed_tokens"
+dtype = "bf16"
+device = "cuda:1"
+resume = "latest"
+method = "freeze-originals"
+lr_schedule = "linear"
+"#,
+    )
+    .unwrap();
+    let c = TrainConfig::from_toml(&toml).unwrap();
+    assert_eq!(
+        c.data,
+        vec![
+            DataSource {
+                path: "code.jsonl".into(),
+                weight: 2.0
+            },
+            DataSource::new("prose.txt")
+        ]
+    );
+    assert_eq!(c.eval[1].name, "domain");
+    assert_eq!(c.eval[0].path, Path::new("g.txt"));
+    assert_eq!(c.lr_scale[0].factor, 0.1);
+    assert_eq!(c.lr_scale[1].selection.to_string(), "norm");
+    assert_eq!(c.dtype, DType::BF16);
+    assert_eq!(c.device, llama_pro::core::device::DeviceSpec::Cuda(1));
+    assert_eq!(c.resume, Some(llama_pro::train::config::Resume::Latest));
+    assert_eq!(c.method, llama_pro::train::config::Method::FreezeOriginals);
+    assert_eq!(c.lr_schedule, ScheduleKind::Linear);
+    std::fs::write(&toml, c.to_toml().unwrap()).unwrap();
+    assert_eq!(TrainConfig::from_toml(&toml).unwrap(), c);
 }
 
 #[test]
 fn token_cache_is_reused_and_invalidated() {
     use llama_pro::train::data::{read_documents_cached, read_sequences};
+    use llama_pro::train::trainer::silent;
     let dir = tmpdir("tokcache");
     let cache = dir.join("cache");
     let data = dir.join("a.txt");
@@ -350,7 +409,8 @@ fn token_cache_is_reused_and_invalidated() {
     let tok = llama_pro::core::Tokenizer::from_dir(&mdir, Some(1), &[2]).unwrap();
     let tf = mdir.join("tokenizer.json");
     let direct = read_sequences(&data, Some(&tok), 320, usize::MAX).unwrap();
-    let first = read_documents_cached(&data, Some(&tok), Some(&tf), 320, &cache, false).unwrap();
+    let first =
+        read_documents_cached(&data, Some(&tok), Some(&tf), 320, &cache, &mut silent()).unwrap();
     assert_eq!(first, direct);
     let files: Vec<_> = std::fs::read_dir(&cache)
         .unwrap()
@@ -359,12 +419,13 @@ fn token_cache_is_reused_and_invalidated() {
     assert_eq!(files.len(), 1);
     // Second read: served from the cache file (no tokenizer needed at all).
     assert_eq!(
-        read_documents_cached(&data, None, Some(&tf), 320, &cache, false).unwrap(),
+        read_documents_cached(&data, None, Some(&tf), 320, &cache, &mut silent()).unwrap(),
         direct
     );
     // A changed file gets a new entry.
     std::fs::write(&data, "x = 1\n").unwrap();
-    let changed = read_documents_cached(&data, Some(&tok), Some(&tf), 320, &cache, false).unwrap();
+    let changed =
+        read_documents_cached(&data, Some(&tok), Some(&tf), 320, &cache, &mut silent()).unwrap();
     assert_eq!(
         changed,
         read_sequences(&data, Some(&tok), 320, usize::MAX).unwrap()
@@ -378,7 +439,7 @@ fn token_cache_is_reused_and_invalidated() {
         .unwrap();
     std::fs::write(&entry, b"garbage").unwrap();
     assert_eq!(
-        read_documents_cached(&data, Some(&tok), Some(&tf), 320, &cache, false).unwrap(),
+        read_documents_cached(&data, Some(&tok), Some(&tf), 320, &cache, &mut silent()).unwrap(),
         changed
     );
     assert!(std::fs::metadata(&entry).unwrap().len() > 16);
@@ -425,22 +486,14 @@ fn activation_checkpointing_trains_the_same() {
         ..base_config(&model, &out)
     };
     let plain = run(&cfg);
-    let stop = AtomicBool::new(false);
     let ck_cfg = TrainConfig {
         output: out.with_file_name("checkpointed"),
         activation_checkpointing: true,
         ..cfg
     };
-    let ck = train::<Autodiff<Cpu, BalancedCheckpointing>>(
-        &ck_cfg,
-        &Default::default(),
-        RunControl {
-            stop: &stop,
-            on_step: Box::new(|_| true),
-            quiet: true,
-        },
-    )
-    .unwrap();
+    let ck =
+        train_on::<Autodiff<Cpu, BalancedCheckpointing>>(&ck_cfg, &Default::default(), |_| true)
+            .unwrap();
     println!("losses {:?} vs checkpointed {:?}", plain.losses, ck.losses);
     for (a, b) in plain.losses.iter().zip(&ck.losses) {
         assert!((a - b).abs() <= 1e-6 * a.abs(), "{a} vs {b}");
@@ -474,7 +527,7 @@ fn mixed_precision_bf16_tracks_f32() {
     let f32_run = run(&cfg);
     let bf_cfg = TrainConfig {
         output: out.with_file_name("bf16"),
-        dtype: "bf16".into(),
+        dtype: DType::BF16,
         ..cfg
     };
     let bf = run(&bf_cfg);
@@ -524,16 +577,8 @@ fn mixed_precision_bf16_tracks_f32() {
             );
         }
     }
-    let bad = run_with(
-        &TrainConfig {
-            dtype: "fp8".into(),
-            ..bf_cfg
-        },
-        |_| true,
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(bad.contains("--dtype") && bad.contains("bf16"), "{bad}");
+    let bad = "fp8".parse::<DType>().unwrap_err().to_string();
+    assert!(bad.contains("dtype") && bad.contains("bf16"), "{bad}");
 }
 
 /// Model FLOPs per token: PaLM's 6N + 12·L·H·hd·s when everything trains; LLaMA Pro's step
@@ -577,17 +622,8 @@ fn wgpu_training_matches_cpu() {
         ..base_config(&model, &out)
     };
     let cpu = run(&cfg);
-    let stop = AtomicBool::new(false);
     let go = |c: &TrainConfig| {
-        train::<W>(
-            c,
-            &burn::backend::wgpu::WgpuDevice::DefaultDevice,
-            RunControl {
-                stop: &stop,
-                on_step: Box::new(|_| true),
-                quiet: true,
-            },
-        )
+        train_on::<W>(c, &burn::backend::wgpu::WgpuDevice::DefaultDevice, |_| true)
     };
     let gpu = go(&TrainConfig {
         output: out.with_file_name("wgpu"),
@@ -600,7 +636,7 @@ fn wgpu_training_matches_cpu() {
     }
     match go(&TrainConfig {
         output: out.with_file_name("wgpu-f16"),
-        dtype: "f16".into(),
+        dtype: DType::F16,
         ..cfg
     }) {
         Ok(r) => {
@@ -631,7 +667,7 @@ fn kernels_and_composition_train_the_same() {
         ..base_config(&model, &out)
     };
     let fast = run(&cfg);
-    let composed = llama_pro::core::kernels::without_kernels(|| {
+    let composed = llama_pro::core::ops::without_kernels(|| {
         run(&TrainConfig {
             output: out.with_file_name("run-composed"),
             ..cfg.clone()

@@ -1,27 +1,11 @@
-//! The model's compute-heavy operations behind one backend interface, with fused kernels where a
-//! backend has them.
+//! The kernel interface: what a backend with fused kernels implements, and the autodiff steps
+//! that make those kernels differentiable.
 //!
-//! Every module calls these operations ([`LlamaBackend::lp_linear`], `lp_rms_norm`, `lp_swiglu`,
-//! `lp_attention`, `lp_causal_ce`) instead of composing burn tensor ops itself. A backend either
-//! supplies a kernel for an operation (forward and backward) or does not; without one, the
-//! operation is composed from burn tensor ops exactly as a plain port would write it, and burn's
-//! autodiff differentiates the composition. So there is one code path in the modules, and the
-//! backends differ only in which kernels they bring:
-//!
-//! - `Flex` (CPU) brings f32 kernels for all five (see `cpu`): a profile of the composed training
-//!   step showed 40% of the time in gemm and the rest in layout copies (`swap_dims`/`reshape`
-//!   of attention heads, transposed weights made contiguous by `linear`, broadcasts through
-//!   burn-flex's strided iterator), unfused element-wise chains (RMSNorm: 8 ops and as many in
-//!   backward; RoPE: narrow/neg/cat/mul/add; softmax; log-softmax) and a fresh allocation per
-//!   op. The kernels work on contiguous `[tokens, features]` rows, read attention heads with
-//!   strides instead of copying them, apply RoPE inside attention, recompute the attention
-//!   probabilities in backward from the saved log-sum-exp (memory O(seq), not O(seq²)), and
-//!   compute weight gradients directly in HF's `[out, in]` layout.
-//! - Other dtypes on Flex (bf16/f16 mixed precision) and the GPU backends (wgpu, CUDA) use the
-//!   composed form (burn's fusion and autotuned kernels do this work there).
-//!
-//! [`Autodiff`] over a backend with kernels registers one backward step per operation, which
-//! calls the backend's backward kernel.
+//! A backend implements the `*_kernel` hooks it has (each returns `None` for inputs it does not
+//! handle, e.g. another dtype); the provided `lp_*` methods try the kernel and fall back to the
+//! composition. [`Autodiff`] over a kernel backend records one backward step per kernel call,
+//! which calls the backend's backward kernel. Which backends have kernels is decided at run time
+//! by [`super::dispatch`]; model code never names this trait.
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::NodeId;
@@ -29,88 +13,19 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{Int, Tensor, TensorPrimitive};
 
-mod composed;
-pub(crate) use composed::pair_mask;
-#[cfg(feature = "cpu")]
-pub mod cpu;
+use super::composed;
+use super::{AdamWStep, AttentionShape};
 
-thread_local! {
-    static KERNELS_OFF: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Whether backends may use their kernels on this thread: yes unless inside [`without_kernels`]
-/// or the environment sets `LLAMA_PRO_KERNELS=0` (for A/B comparisons and benchmarks).
-pub fn kernels_enabled() -> bool {
-    static ENV_OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let env_off = *ENV_OFF.get_or_init(|| {
-        std::env::var("LLAMA_PRO_KERNELS")
-            .is_ok_and(|v| matches!(v.as_str(), "0" | "off" | "false"))
-    });
-    !env_off && !KERNELS_OFF.with(|k| k.get())
-}
-
-/// Run `f` with every operation composed from burn tensor ops on this thread (no backend
-/// kernels), e.g. to check a kernel against the composition or to measure what it gains. The
-/// backward pass of a graph built inside `f` follows the forward: composed ops differentiate
-/// through burn's autodiff wherever `backward()` is called.
-pub fn without_kernels<R>(f: impl FnOnce() -> R) -> R {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            KERNELS_OFF.with(|k| k.set(self.0));
-        }
-    }
-    let _restore = Restore(KERNELS_OFF.with(|k| k.replace(true)));
-    f()
-}
-
-/// Geometry of one attention call.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct AttentionShape {
-    /// Sequences.
-    pub batch: usize,
-    /// Positions per sequence (queries = keys: no cache).
-    pub seq: usize,
-    /// Query heads H.
-    pub heads: usize,
-    /// Key/value heads H_kv (divides H).
-    pub kv_heads: usize,
-    /// Per-head width (even).
-    pub head_dim: usize,
-    /// Multiplier of q·k (usually `1/sqrt(head_dim)`).
-    pub scale: f64,
-    /// Sliding window: query `i` sees keys `j` with `i - window < j <= i`.
-    pub window: Option<usize>,
-}
-
-/// Hyper-parameters of one AdamW update ([`LlamaBackend::adamw_kernel`]).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct AdamWStep {
-    /// Learning rate.
-    pub lr: f64,
-    /// β₁.
-    pub beta_1: f32,
-    /// β₂.
-    pub beta_2: f32,
-    /// ε (added to `sqrt(v̂)`).
-    pub epsilon: f32,
-    /// Decoupled weight decay.
-    pub weight_decay: f32,
-    /// Step number after this update (1 on the first).
-    pub time: usize,
-}
-
-/// A burn backend the LLaMA modules can run on: the five operations below, each with a
-/// composed default and an optional fused kernel (the `*_kernel` methods return `None` when the
-/// backend has none for the given inputs).
+/// A burn backend with fused kernels for some of the model's operations: the five operations
+/// below, each with a composed default and optional kernel hooks (the `*_kernel` methods return
+/// `None` when the backend has none for the given inputs).
 ///
-/// Implemented for `Flex` (CPU kernels), the wgpu and CUDA backends (composed), and `Autodiff`
-/// over any of them.
-pub trait LlamaBackend: Backend {
+/// Implemented for `Flex` (CPU kernels, `cpu.rs`) and `Autodiff` over any kernel backend.
+pub(crate) trait KernelBackend: Backend {
     /// `x · wᵀ`.
     ///
     /// # Shapes
@@ -118,7 +33,10 @@ pub trait LlamaBackend: Backend {
     /// - output: `[n, out]`
     fn lp_linear(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {
         match Self::linear_kernel(fp(x.clone()), fp(w.clone())) {
-            Some(y) => tp(y),
+            Some(y) => {
+                super::count_kernel_call();
+                tp(y)
+            }
             None => composed::linear(x, w),
         }
     }
@@ -130,7 +48,10 @@ pub trait LlamaBackend: Backend {
     /// - output: `[n, d]`
     fn lp_rms_norm(x: Tensor<Self, 2>, w: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2> {
         match Self::rms_norm_kernel(fp(x.clone()), fp(w.clone()), eps) {
-            Some((y, _)) => tp(y),
+            Some((y, _)) => {
+                super::count_kernel_call();
+                tp(y)
+            }
             None => composed::rms_norm(x, w, eps),
         }
     }
@@ -141,7 +62,10 @@ pub trait LlamaBackend: Backend {
     /// - gate, up, output: `[n, f]`
     fn lp_swiglu(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Tensor<Self, 2> {
         match Self::swiglu_kernel(fp(gate.clone()), fp(up.clone())) {
-            Some(y) => tp(y),
+            Some(y) => {
+                super::count_kernel_call();
+                tp(y)
+            }
             None => composed::swiglu(gate, up),
         }
     }
@@ -170,7 +94,10 @@ pub trait LlamaBackend: Backend {
             shape,
         );
         match kernel {
-            Some((out, _)) => tp(out),
+            Some((out, _)) => {
+                super::count_kernel_call();
+                tp(out)
+            }
             None => composed::attention(q, k, v, cos, sin, shape),
         }
     }
@@ -192,7 +119,10 @@ pub trait LlamaBackend: Backend {
             fp(mask.clone()),
         );
         match kernel {
-            Some((loss, _)) => tp(loss),
+            Some((loss, _)) => {
+                super::count_kernel_call();
+                tp(loss)
+            }
             None => composed::causal_ce(logits, ids, mask),
         }
     }
@@ -307,27 +237,13 @@ pub trait LlamaBackend: Backend {
     }
 }
 
-/// A training backend: autodiff over a [`LlamaBackend`], itself a [`LlamaBackend`].
-pub trait LlamaAutodiffBackend: AutodiffBackend<InnerBackend: LlamaBackend> + LlamaBackend {}
-impl<B> LlamaAutodiffBackend for B where
-    B: AutodiffBackend<InnerBackend: LlamaBackend> + LlamaBackend
-{
-}
-
-fn fp<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
+pub(super) fn fp<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
     t.into_primitive().tensor()
 }
 
-fn tp<B: Backend, const D: usize>(p: FloatTensor<B>) -> Tensor<B, D> {
+pub(super) fn tp<B: Backend, const D: usize>(p: FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(p))
 }
-
-#[cfg(feature = "wgpu")]
-impl LlamaBackend for crate::device::WgpuBackend {}
-#[cfg(feature = "wgpu")]
-impl LlamaBackend for burn::backend::Wgpu {}
-#[cfg(feature = "cuda")]
-impl LlamaBackend for burn::backend::Cuda {}
 
 // ---- autodiff: one backward step per kernel ---------------------------------------------------
 
@@ -341,10 +257,11 @@ fn record<B, C, BO, const N: usize>(
     out: FloatTensor<B>,
 ) -> FloatTensor<Ad<B, C>>
 where
-    B: LlamaBackend,
+    B: KernelBackend,
     C: CheckpointStrategy,
     BO: Backward<B, N>,
 {
+    super::count_kernel_call();
     match step
         .prepare::<C>(parents.map(|p| p.node.clone()))
         .compute_bound()
@@ -363,7 +280,7 @@ fn give<B: Backend>(grads: &mut Gradients, parent: Option<NodeId>, g: Option<Flo
 
 #[derive(Debug)]
 struct LinearStep;
-impl<B: LlamaBackend> Backward<B, 2> for LinearStep {
+impl<B: KernelBackend> Backward<B, 2> for LinearStep {
     /// The input (kept only when the weight trains: a frozen layer's backward needs just the
     /// weight) and the weight.
     type State = (Option<FloatTensor<B>>, FloatTensor<B>);
@@ -380,7 +297,7 @@ impl<B: LlamaBackend> Backward<B, 2> for LinearStep {
 
 #[derive(Debug)]
 struct RmsNormStep;
-impl<B: LlamaBackend> Backward<B, 2> for RmsNormStep {
+impl<B: KernelBackend> Backward<B, 2> for RmsNormStep {
     type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [px, pw] = ops.parents;
@@ -394,7 +311,7 @@ impl<B: LlamaBackend> Backward<B, 2> for RmsNormStep {
 
 #[derive(Debug)]
 struct SwigluStep;
-impl<B: LlamaBackend> Backward<B, 2> for SwigluStep {
+impl<B: KernelBackend> Backward<B, 2> for SwigluStep {
     type State = (FloatTensor<B>, FloatTensor<B>);
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [pg, pu] = ops.parents;
@@ -412,7 +329,7 @@ type AttentionState<B> = (
     [FloatTensor<B>; 7], // q, k, v, cos, sin, out, lse
     AttentionShape,
 );
-impl<B: LlamaBackend> Backward<B, 3> for AttentionStep {
+impl<B: KernelBackend> Backward<B, 3> for AttentionStep {
     type State = AttentionState<B>;
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [pq, pk, pv] = ops.parents;
@@ -427,7 +344,7 @@ impl<B: LlamaBackend> Backward<B, 3> for AttentionStep {
 
 #[derive(Debug)]
 struct CausalCeStep;
-impl<B: LlamaBackend> Backward<B, 1> for CausalCeStep {
+impl<B: KernelBackend> Backward<B, 1> for CausalCeStep {
     type State = (FloatTensor<B>, IntTensor<B>, FloatTensor<B>, FloatTensor<B>);
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [pl] = ops.parents;
@@ -438,7 +355,7 @@ impl<B: LlamaBackend> Backward<B, 1> for CausalCeStep {
     }
 }
 
-impl<B: LlamaBackend, C: CheckpointStrategy> LlamaBackend for Ad<B, C> {
+impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Ad<B, C> {
     fn lp_linear(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {
         let (xa, wa) = (fp(x.clone()), fp(w.clone()));
         match B::linear_kernel(xa.primitive.clone(), wa.primitive.clone()) {

@@ -13,7 +13,8 @@ use burn::backend::flex::FlexTensor;
 use burn::tensor::{DType, TensorData};
 use rayon::prelude::*;
 
-use super::{AdamWStep, AttentionShape, LlamaBackend};
+use super::kernel::KernelBackend;
+use super::{AdamWStep, AttentionShape};
 
 /// Rows per parallel chunk for row-wise kernels: a few chunks per thread.
 fn rows_per_chunk(rows: usize) -> usize {
@@ -426,7 +427,7 @@ simd_fn! {
 }
 
 simd_fn! {
-    /// AdamW on a chunk (see [`LlamaBackend::adamw_kernel`]); `first`: no moments yet.
+    /// AdamW on a chunk (see `KernelBackend::adamw_kernel`); `first`: no moments yet.
     fn adamw_chunk(p: &[f32], g: &[f32], m: &[f32], v: &[f32], first: bool, h: AdamWStep, po: &mut [f32], mo: &mut [f32], vo: &mut [f32]) {
         let n = po.len();
         let (p, g, mo, vo) = (&p[..n], &g[..n], &mut mo[..n], &mut vo[..n]);
@@ -484,7 +485,7 @@ simd_fn! {
     }
 }
 
-impl LlamaBackend for Flex {
+impl KernelBackend for Flex {
     fn linear_kernel(x: FlexTensor, w: FlexTensor) -> Option<FlexTensor> {
         if !is_f32(&[&x, &w]) {
             return None;

@@ -1,0 +1,335 @@
+//! The training recipe as a small type: [`Trainer::new`] → [`Trainer::step`] →
+//! [`Trainer::evaluate`] → [`Trainer::save`] → [`Trainer::finish`].
+//!
+//! Continued pretraining of the selected parameters (by default the expanded blocks) with AdamW,
+//! warmup + decay, global-norm clipping and gradient accumulation; evaluation on named sets;
+//! checkpoints with exact resume; a HuggingFace export. [`train`] composes these steps and reports
+//! what happens to an [`Observer`]; a program that wants its own loop calls them itself:
+//!
+//! ```no_run
+//! # use llama_pro_train::{config::TrainConfig, trainer::*};
+//! # use llama_pro_core::burn::backend::{Autodiff, Flex};
+//! # fn main() -> llama_pro_train::Result<()> {
+//! # let config = TrainConfig::default();
+//! type B = Autodiff<Flex>;
+//! let device = Default::default();
+//! let mut quiet = silent();
+//! let model = TrainModel::<B>::load(&config, &device, &mut quiet)?;
+//! let data = TrainData::load(&config, &model, &mut quiet)?;
+//! let mut trainer = Trainer::new(config, model, data)?;
+//! trainer.evaluate()?;
+//! while !trainer.is_done() {
+//!     let m = trainer.step()?;
+//!     println!("step {} loss {:.4}", m.step, m.loss);
+//! }
+//! let report = trainer.finish()?;
+//! # Ok(()) }
+//! ```
+//!
+//! The files by concern: `setup` (model, data, groups, optimizer), `step` (the loop body),
+//! `evaluate`, `checkpoint` (save, resume), `report` (metrics, report, README, plot) and
+//! `observer` (events).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use burn::tensor::backend::AutodiffBackend;
+use llama_pro_core::burn;
+use llama_pro_core::model::LlamaForCausalLM;
+
+use crate::config::TrainConfig;
+use crate::error::{Result, TrainError};
+use crate::eval::EvalResult;
+use crate::schedule::Schedule;
+
+mod checkpoint;
+mod evaluate;
+mod observer;
+mod report;
+mod setup;
+mod step;
+
+pub use checkpoint::latest_checkpoint;
+pub use observer::{Event, Observer, Observers, silent};
+pub use report::{EvalPoint, MetricsLog, StepMetrics, TrainReport, forgetting_table};
+#[cfg(feature = "plot")]
+pub use report::{LossPlot, plot_run};
+pub use setup::{ModelInfo, TrainData, TrainModel};
+
+use setup::{Group, Optimizers};
+
+/// A training run in progress. See the module docs.
+pub struct Trainer<B: AutodiffBackend> {
+    config: TrainConfig,
+    device: B::Device,
+    /// `None` only while an optimizer step has it (burn's optimizers take the module by value).
+    model: Option<LlamaForCausalLM<B>>,
+    info: ModelInfo,
+    data: TrainData,
+    schedule: Schedule,
+    groups: Vec<Group>,
+    optim: Optimizers<B>,
+    /// Optimizer steps done.
+    step: usize,
+    /// The checkpoint this run resumed from, and its step.
+    resumed: Option<(PathBuf, usize)>,
+    eval_before: BTreeMap<String, EvalResult>,
+    evals: Vec<EvalPoint>,
+    /// The latest evaluation and its step.
+    latest_eval: Option<(usize, BTreeMap<String, EvalResult>)>,
+    losses: Vec<f64>,
+    tokens: usize,
+    /// From the start of the first step of this process to the end of the latest one.
+    clock: Option<(Instant, Duration)>,
+    flops_per_token: f64,
+    peak_flops: Option<(f64, String)>,
+}
+
+impl<B: AutodiffBackend> Trainer<B> {
+    /// A run of `config` on a prepared model and its data: parameter groups, schedule and
+    /// optimizer set up; with `config.resume`, the checkpoint's weights, optimizer state and data
+    /// position restored. Nothing is written yet.
+    pub fn new(config: TrainConfig, model: TrainModel<B>, data: TrainData) -> Result<Self> {
+        config.validate()?;
+        let per_step = config.batch_size * config.grad_accum;
+        let total_steps = config.max_steps.unwrap_or_else(|| {
+            ((config.epochs * data.stream.len() as f64) / per_step as f64)
+                .ceil()
+                .max(1.0) as usize
+        });
+        let schedule = Schedule {
+            lr: config.lr,
+            min_lr: config.min_lr,
+            warmup_steps: (config.warmup_ratio * total_steps as f64).round() as usize,
+            total_steps,
+            kind: config.lr_schedule,
+        };
+        let TrainModel { model, info } = model;
+        let groups = setup::parameter_groups(&config, &model, &info);
+        let flops_per_token = setup::flops_per_token(&config, &model, &info);
+        let peak_flops = setup::peak_flops(&config);
+        let device = model.model.embed_tokens.weight.val().device();
+        let mut trainer = Self {
+            optim: Optimizers::new(&config),
+            config,
+            device,
+            model: Some(model),
+            info,
+            data,
+            schedule,
+            groups,
+            step: 0,
+            resumed: None,
+            eval_before: BTreeMap::new(),
+            evals: Vec::new(),
+            latest_eval: None,
+            losses: Vec::new(),
+            tokens: 0,
+            clock: None,
+            flops_per_token,
+            peak_flops,
+        };
+        if let Some(r) = trainer.config.resume.clone() {
+            trainer.resume(&r)?;
+        }
+        Ok(trainer)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    /// The model being trained.
+    pub fn model(&self) -> &LlamaForCausalLM<B> {
+        match &self.model {
+            Some(m) => m,
+            None => unreachable!("the model is only taken inside an optimizer step"),
+        }
+    }
+
+    /// What trains, with parameter counts.
+    pub fn summary(&self) -> &llama_pro_core::freeze::TrainableSummary {
+        &self.info.summary
+    }
+
+    /// Optimizer steps done (a resumed run counts the checkpoint's).
+    pub fn steps_done(&self) -> usize {
+        self.step
+    }
+
+    /// Optimizer steps of the whole run.
+    pub fn total_steps(&self) -> usize {
+        self.schedule.total_steps
+    }
+
+    /// True when every step is done.
+    pub fn is_done(&self) -> bool {
+        self.step >= self.total_steps()
+    }
+
+    /// The checkpoint this run resumed from and its step.
+    pub fn resumed_from(&self) -> Option<(&Path, usize)> {
+        self.resumed.as_ref().map(|(p, s)| (p.as_path(), *s))
+    }
+
+    /// The training examples: how many, from which files.
+    pub fn data(&self) -> &TrainData {
+        &self.data
+    }
+
+    /// True when the configuration asks for an evaluation after the step just done (every
+    /// `eval_every` steps, not after the last: [`Trainer::finish`] evaluates then).
+    pub fn eval_due(&self) -> bool {
+        let every = self.config.eval_every;
+        every > 0 && self.step % every == 0 && self.step > 0 && !self.is_done()
+    }
+
+    /// True when the configuration asks for a checkpoint after the step just done (every
+    /// `save_every` steps, not after the last: [`Trainer::finish`] saves then).
+    pub fn save_due(&self) -> bool {
+        let every = self.config.save_every;
+        every > 0 && self.step % every == 0 && self.step > 0 && !self.is_done()
+    }
+
+    /// The report so far (`interrupted`: the run stops before its last step).
+    pub fn report(&self, interrupted: bool) -> TrainReport {
+        let tokens_per_sec = match self.clock {
+            Some((_, busy)) => self.tokens as f64 / busy.as_secs_f64().max(1e-9),
+            None => 0.0,
+        };
+        TrainReport {
+            steps: self.step,
+            losses: self.losses.clone(),
+            eval_before: self.eval_before.clone(),
+            eval_after: BTreeMap::new(),
+            evals: self.evals.clone(),
+            model_dir: None,
+            interrupted,
+            trainable_params: self.info.summary.trainable(),
+            total_params: self.info.summary.total(),
+            tokens_per_sec,
+            flops_per_token: self.flops_per_token,
+            mfu: self.mfu(tokens_per_sec),
+            peak_flops: self.peak_flops.clone(),
+        }
+    }
+
+    /// Model FLOPs utilisation at `tokens_per_sec`, when the device's peak is known.
+    pub fn mfu(&self, tokens_per_sec: f64) -> Option<f64> {
+        self.peak_flops
+            .as_ref()
+            .map(|(p, _)| tokens_per_sec * self.flops_per_token / p)
+    }
+
+    /// The end of a completed run: the final checkpoint, the evaluation after training, the
+    /// HuggingFace export (see [`Trainer::export`]).
+    pub fn finish(mut self) -> Result<TrainReport> {
+        self.save()?;
+        self.evaluate()?;
+        self.export()
+    }
+}
+
+/// Train as `config` says on `device`, reporting to `observer`: load the model and data, resume
+/// if asked, evaluate before training, run the steps with periodic evaluations and checkpoints,
+/// then save, evaluate and export. When `stop` becomes true (Ctrl-C), the current step finishes,
+/// a checkpoint is written and the report comes back with `interrupted = true`.
+pub fn train<B: AutodiffBackend>(
+    config: TrainConfig,
+    device: &B::Device,
+    observer: &mut dyn Observer,
+    stop: &AtomicBool,
+) -> Result<TrainReport> {
+    config.validate()?;
+    llama_pro_core::device::tune_allocator();
+    let model = TrainModel::<B>::load(&config, device, observer)?;
+    let data = TrainData::load(&config, &model, observer)?;
+    let mut trainer = Trainer::new(config, model, data)?;
+    std::fs::create_dir_all(&trainer.config.output)
+        .map_err(|e| TrainError::io(&trainer.config.output, e))?;
+    let mut metrics = MetricsLog::open(
+        &trainer.config.output.join("metrics.jsonl"),
+        trainer.resumed_from().map(|(_, s)| s),
+    )?;
+    let mut observers = Observers::new();
+    observers.push(&mut metrics);
+    observers.push(observer);
+    let o = &mut observers;
+    o.on_event(&Event::Info(&describe(&trainer)));
+    if let Some((dir, step)) = trainer.resumed_from() {
+        o.on_event(&Event::Info(&format!(
+            "resumed from {} at step {step}",
+            dir.display()
+        )));
+    }
+    o.on_event(&Event::Start {
+        step: trainer.steps_done(),
+        total_steps: trainer.total_steps(),
+        flops_per_token: trainer.flops_per_token,
+        peak_flops: trainer.peak_flops.as_ref().map(|(p, _)| *p),
+    });
+    if trainer.resumed_from().is_none() {
+        let r = trainer.evaluate()?;
+        o.on_event(&Event::Eval {
+            step: 0,
+            results: &r,
+        });
+    }
+    while !trainer.is_done() {
+        if stop.load(Ordering::SeqCst) {
+            let dir = trainer.save()?;
+            let step = trainer.steps_done();
+            o.on_event(&Event::Checkpoint { step, dir: &dir });
+            let report = trainer.report(true);
+            o.on_event(&Event::End(&report));
+            return Ok(report);
+        }
+        let m = trainer.step()?;
+        o.on_event(&Event::Step(&m));
+        if trainer.eval_due() {
+            let r = trainer.evaluate()?;
+            o.on_event(&Event::Eval {
+                step: m.step,
+                results: &r,
+            });
+        }
+        if trainer.save_due() {
+            let dir = trainer.save()?;
+            o.on_event(&Event::Checkpoint {
+                step: m.step,
+                dir: &dir,
+            });
+        }
+    }
+    let dir = trainer.save()?;
+    let step = trainer.steps_done();
+    o.on_event(&Event::Checkpoint { step, dir: &dir });
+    let r = trainer.evaluate()?;
+    o.on_event(&Event::Eval { step, results: &r });
+    let report = trainer.export()?;
+    o.on_event(&Event::End(&report));
+    drop(observers);
+    if let Some(e) = metrics.take_error() {
+        return Err(e);
+    }
+    Ok(report)
+}
+
+/// One line on the data and the steps ahead.
+fn describe<B: AutodiffBackend>(t: &Trainer<B>) -> String {
+    let c = &t.config;
+    format!(
+        "data: {} training examples of up to {} tokens from {} file(s){}; {} optimizer steps of {} sequences ({} x {} accumulated)",
+        t.data.stream.len(),
+        c.seq_len,
+        t.data.stream.sources().len(),
+        if c.packing { ", packed" } else { "" },
+        t.total_steps(),
+        c.batch_size * c.grad_accum,
+        c.batch_size,
+        c.grad_accum
+    )
+}

@@ -1,0 +1,393 @@
+//! Setting a run up: the model (loaded or randomly initialised, adapters, trainable selection,
+//! mixed precision), the data (training sources, evaluation sets or a held-out split), the
+//! parameter groups, the optimizer and the FLOPs estimate.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use burn::module::ParamId;
+use burn::optim::Optimizer;
+use burn::tensor::Tensor;
+use burn::tensor::backend::AutodiffBackend;
+use llama_pro_core::burn;
+use llama_pro_core::expand::{LayerMap, layer_of};
+use llama_pro_core::freeze::{SelectContext, Selection, TrainableSummary, set_trainable};
+use llama_pro_core::model::LlamaForCausalLM;
+use llama_pro_core::{DType, HfConfig, Tokenizer};
+
+use crate::config::{DataSource, Method, TrainConfig};
+use crate::dataset::{DataContext, ExampleStream, Source, load_source, split_validation};
+use crate::error::{Result, TrainError};
+use crate::optim::FusedAdamW;
+
+use super::{Event, Observer};
+
+/// The model of a run, ready to train: weights loaded (or randomly initialised), LoRA adapters
+/// attached, exactly the selected parameters trainable, frozen ones cast for mixed precision.
+pub struct TrainModel<B: AutodiffBackend> {
+    /// The model.
+    pub model: LlamaForCausalLM<B>,
+    /// Where it came from and what trains.
+    pub info: ModelInfo,
+}
+
+/// Everything about a run's model besides its weights.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// Its configuration (exported with the trained weights).
+    pub hf: HfConfig,
+    /// The model directory it came from (tokenizer and support files are copied from there).
+    pub dir: PathBuf,
+    /// Which blocks are new (from `config.json`).
+    pub map: LayerMap,
+    /// What trains.
+    pub selection: Selection,
+    /// Trainable and total parameters per group, and the trainable names.
+    pub summary: TrainableSummary,
+    /// The model's tokenizer, if the directory has one.
+    pub tokenizer: Option<Tokenizer>,
+    /// Its `tokenizer.json`.
+    tokenizer_file: Option<PathBuf>,
+}
+
+impl<B: AutodiffBackend> TrainModel<B> {
+    /// Load `config.model` onto `device` (or initialise it randomly with `config.random_init`)
+    /// and prepare it as [`TrainModel::new`] does.
+    pub fn load(
+        config: &TrainConfig,
+        device: &B::Device,
+        observer: &mut dyn Observer,
+    ) -> Result<Self> {
+        let dir = crate::data::existing(&config.model)?;
+        let (model, hf) = if config.random_init {
+            let hf = HfConfig::from_path(&dir)?;
+            let mut c = hf.config.clone();
+            c.dtype = DType::F32;
+            observer.on_event(&Event::Info(&format!(
+                "random initialisation of {} ({} parameters, seed {})",
+                hf.path.display(),
+                c.num_params(),
+                config.seed
+            )));
+            (c.init::<B>(device, config.seed), hf)
+        } else {
+            LlamaForCausalLM::<B>::from_pretrained(&dir, device, Some(DType::F32))?
+        };
+        let map = LayerMap::from_config(&hf.raw, hf.config.num_hidden_layers, &hf.path)?;
+        Self::new(config, model, hf, map, &dir, observer)
+    }
+
+    /// Prepare a model that is already in memory (f32 weights), e.g. one expanded with
+    /// [`expand_model`](llama_pro_core::expand::expand_model): LoRA adapters attached for
+    /// `Method::Lora`, exactly the configured selection trainable (new blocks per `map`), frozen
+    /// weights cast for mixed precision. `hf` is the configuration exported with the trained
+    /// weights (its `num_hidden_layers` and layer map should describe `model`); `dir` the
+    /// directory whose tokenizer and support files go with the export.
+    pub fn new(
+        config: &TrainConfig,
+        model: LlamaForCausalLM<B>,
+        hf: HfConfig,
+        map: LayerMap,
+        dir: &Path,
+        observer: &mut dyn Observer,
+    ) -> Result<Self> {
+        let device = model.model.embed_tokens.weight.val().device();
+        let model = match config.method {
+            Method::Lora => {
+                let lora = llama_pro_core::linear::LoraConfig {
+                    rank: config.lora_rank,
+                    alpha: config.lora_alpha,
+                    targets: config.lora_targets.clone(),
+                };
+                model.with_lora(&lora, config.seed)?
+            }
+            _ => model,
+        };
+        let selection = config.selection(model.config.num_hidden_layers)?;
+        let (mut model, summary) = set_trainable(model, &selection, &map)?;
+        observer.on_event(&Event::Info(&format!(
+            "trainable parameters ({selection}):\n{summary}"
+        )));
+        if config.dtype != DType::F32 {
+            check_dtype_support::<B>(&device, config.dtype)?;
+            model = model.mixed_precision(config.dtype);
+            observer.on_event(&Event::Info(&format!(
+                "mixed precision: frozen weights and activations in {}, trainable weights and AdamW state in f32",
+                config.dtype
+            )));
+        }
+        if config.activation_checkpointing
+            && config.dtype == DType::F32
+            && llama_pro_core::ops::has_kernels::<B>()
+        {
+            observer.on_event(&Event::Warning(
+                "activation checkpointing saves no memory on the CPU in f32: the fused CPU kernels \
+                 already keep only what their backward needs (it applies to the GPU backends and to bf16/f16)",
+            ));
+        }
+        let tokenizer_file = Some(dir.join("tokenizer.json")).filter(|f| f.exists());
+        let tokenizer = match &tokenizer_file {
+            Some(_) => {
+                let c = &hf.config;
+                Some(Tokenizer::from_dir(dir, c.bos_token_id, &c.eos_token_ids)?)
+            }
+            None => None,
+        };
+        let info = ModelInfo {
+            hf,
+            dir: dir.to_path_buf(),
+            map,
+            selection,
+            summary,
+            tokenizer,
+            tokenizer_file,
+        };
+        Ok(Self { model, info })
+    }
+}
+
+impl ModelInfo {
+    /// How data files are read for this model (tokenizer, vocabulary, EOS) under `config`,
+    /// through the token cache in `cache` if given.
+    pub fn data_context<'a>(
+        &'a self,
+        config: &TrainConfig,
+        cache: Option<&'a Path>,
+    ) -> DataContext<'a> {
+        let c = &self.hf.config;
+        DataContext {
+            tokenizer: self.tokenizer.as_ref(),
+            tokenizer_file: self.tokenizer_file.as_deref(),
+            vocab_size: c.vocab_size,
+            seq_len: config.seq_len,
+            packing: config.packing,
+            eos: self
+                .tokenizer
+                .as_ref()
+                .and_then(|t| t.eos_token_ids.first().copied())
+                .or(c.eos_token_ids.first().copied()),
+            cache,
+        }
+    }
+}
+
+/// Fail with a clear error if the backend cannot compute in `dtype` (burn panics on an
+/// unsupported dtype deep inside a kernel): a small matmul, cast and reduction, forward only.
+fn check_dtype_support<B: AutodiffBackend>(device: &B::Device, dtype: DType) -> Result<()> {
+    let device = device.clone();
+    let probe = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let a = Tensor::<B::InnerBackend, 2>::ones([4, 4], &device)
+            .cast(burn::tensor::FloatDType::from(dtype.burn()));
+        let s = a
+            .clone()
+            .matmul(a)
+            .exp()
+            .sum()
+            .cast(burn::tensor::FloatDType::F32);
+        burn::tensor::ElementConversion::elem::<f64>(s.into_scalar())
+    }));
+    match probe {
+        Ok(v) if v.is_finite() => Ok(()),
+        _ => Err(TrainError::setting(
+            "dtype",
+            format!(
+                "{dtype}: this backend ({}) cannot compute in {}; use f32{}",
+                std::any::type_name::<B::InnerBackend>(),
+                dtype.hf_name(),
+                if dtype == DType::F16 {
+                    " or bf16"
+                } else {
+                    " or f16"
+                }
+            ),
+        )),
+    }
+}
+
+/// The data of a run: the stream of training examples and the evaluation sets.
+pub struct TrainData {
+    /// Training examples in a seeded, resumable order.
+    pub stream: ExampleStream,
+    /// Evaluation sets by name: windows read like the training data.
+    pub eval_sets: Vec<(String, Vec<Vec<u32>>)>,
+}
+
+impl TrainData {
+    /// Read the training files and evaluation sets of `config` for `model` (through the token
+    /// cache when `config.token_cache`). Without evaluation sets, `config.val_fraction` of the
+    /// training windows is held out as the set `val`.
+    pub fn load<B: AutodiffBackend>(
+        config: &TrainConfig,
+        model: &TrainModel<B>,
+        observer: &mut dyn Observer,
+    ) -> Result<Self> {
+        let cache = config.token_cache.then(crate::data::default_cache_dir);
+        let ctx = model.info.data_context(config, cache.as_deref());
+        let mut sources: Vec<Source> = config
+            .data
+            .iter()
+            .map(|d| load_source(d, &ctx, observer))
+            .collect::<Result<_>>()?;
+        let mut eval_sets = Vec::new();
+        for e in &config.eval {
+            let windows = load_source(&DataSource::new(&e.path), &ctx, observer)?.windows;
+            eval_sets.push((e.name.clone(), spread(windows, config.eval_max_sequences)));
+        }
+        if eval_sets.is_empty() {
+            let val = split_validation(&mut sources, config.val_fraction, config.seed);
+            if !val.is_empty() {
+                eval_sets.push(("val".into(), val));
+            }
+        }
+        Ok(Self {
+            stream: ExampleStream::new(sources, config.seed),
+            eval_sets,
+        })
+    }
+}
+
+/// At most `max` items, evenly spaced (all of them when `max` is `None` or not smaller).
+fn spread<T>(items: Vec<T>, max: Option<usize>) -> Vec<T> {
+    match max {
+        Some(m) if m > 0 && m < items.len() => {
+            let n = items.len();
+            let keep: HashSet<usize> = (0..m).map(|i| i * n / m).collect();
+            items
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| keep.contains(i))
+                .map(|(_, x)| x)
+                .collect()
+        }
+        _ => items,
+    }
+}
+
+/// A set of trainable parameters stepped with one learning-rate factor and one weight decay.
+#[derive(Debug, Clone)]
+pub(super) struct Group {
+    pub(super) label: String,
+    pub(super) ids: HashSet<ParamId>,
+    pub(super) lr_scale: f64,
+    pub(super) decay: bool,
+}
+
+/// Parameter groups: decay only on >= 2-D tensors (and only with a weight decay); a learning-rate
+/// factor from the first `lr_scale` entry whose selection matches.
+pub(super) fn parameter_groups<B: AutodiffBackend>(
+    config: &TrainConfig,
+    model: &LlamaForCausalLM<B>,
+    info: &ModelInfo,
+) -> Vec<Group> {
+    let ctx = SelectContext {
+        map: &info.map,
+        tied: info.hf.config.tie_word_embeddings,
+    };
+    let mut groups: Vec<Group> = Vec::new();
+    for p in model
+        .named_parameters()
+        .iter()
+        .filter(|p| info.summary.trainable_names.contains(&p.name))
+    {
+        let decay = p.shape.len() >= 2 && config.weight_decay > 0.0;
+        let (label, lr_scale) = config
+            .lr_scale
+            .iter()
+            .find(|s| s.selection.matches(&p.name, &ctx))
+            .map(|s| (format!("{} x{} ", s.selection, s.factor), s.factor))
+            .unwrap_or_else(|| (String::new(), 1.0));
+        let key = format!("{label}{}", if decay { "decay" } else { "no decay" });
+        match groups.iter_mut().find(|g| g.label == key) {
+            Some(g) => {
+                g.ids.insert(p.id);
+            }
+            None => groups.push(Group {
+                label: key,
+                ids: HashSet::from([p.id]),
+                lr_scale,
+                decay,
+            }),
+        }
+    }
+    groups
+}
+
+/// Model FLOPs per trained token of this selection (see [`crate::flops`]).
+pub(super) fn flops_per_token<B: AutodiffBackend>(
+    config: &TrainConfig,
+    model: &LlamaForCausalLM<B>,
+    info: &ModelInfo,
+) -> f64 {
+    let c = &info.hf.config;
+    let named = model.named_parameters();
+    let trainable: Vec<_> = named
+        .iter()
+        .filter(|p| info.summary.trainable_names.contains(&p.name))
+        .collect();
+    let lowest = trainable
+        .iter()
+        .filter_map(|p| layer_of(&p.name).map(|(i, _)| i))
+        .min();
+    let embeddings = trainable
+        .iter()
+        .any(|p| p.name.starts_with("model.embed_tokens."));
+    let matmul: usize = trainable
+        .iter()
+        .filter(|p| {
+            p.shape.len() == 2
+                && (c.tie_word_embeddings || !p.name.starts_with("model.embed_tokens."))
+        })
+        .map(|p| p.shape.iter().product::<usize>())
+        .sum();
+    crate::flops::train_flops_per_token(c, config.seq_len, lowest, embeddings, matmul)
+}
+
+/// The device's peak FLOP/s for the MFU, and where the figure came from.
+pub(super) fn peak_flops(config: &TrainConfig) -> Option<(f64, String)> {
+    match config.peak_tflops {
+        Some(t) => Some((t * 1e12, "the peak_tflops setting".to_string())),
+        None if config.device == llama_pro_core::device::DeviceSpec::Cpu => {
+            crate::flops::cpu_peak_flops()
+        }
+        None => None,
+    }
+}
+
+/// burn's optimizer over the model with the fused AdamW update.
+pub(super) type Optim<B> =
+    burn::optim::adaptor::OptimizerAdaptor<FusedAdamW, LlamaForCausalLM<B>, B>;
+/// burn's optimizer state: per-`ParamId` moments and step counts.
+pub(super) type OptRecord<B> = <Optim<B> as Optimizer<LlamaForCausalLM<B>, B>>::Record;
+
+/// AdamW for the parameters with weight decay and for those without.
+pub(super) struct Optimizers<B: AutodiffBackend> {
+    pub(super) decay: Optim<B>,
+    pub(super) plain: Optim<B>,
+}
+
+impl<B: AutodiffBackend> Optimizers<B> {
+    pub(super) fn new(config: &TrainConfig) -> Self {
+        let adamw = |wd: f64| {
+            FusedAdamW::new(
+                config.adam_beta1 as f32,
+                config.adam_beta2 as f32,
+                config.adam_eps as f32,
+                wd as f32,
+            )
+            .init::<B, LlamaForCausalLM<B>>()
+        };
+        Self {
+            decay: adamw(config.weight_decay),
+            plain: adamw(0.0),
+        }
+    }
+
+    /// The optimizer of a group.
+    pub(super) fn of(&mut self, group: &Group) -> &mut Optim<B> {
+        if group.decay {
+            &mut self.decay
+        } else {
+            &mut self.plain
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! `llama-pro train`: flags and `--config` TOML resolved into a `TrainConfig`, Ctrl-C, the run
+//! on the chosen backend, the summary.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use clap::Args;
+use llama_pro::core::DType;
+use llama_pro::core::burn::tensor::backend::AutodiffBackend;
+use llama_pro::core::device::{DeviceSpec, OnAutodiffBackend, dispatch_autodiff_with};
+use llama_pro::core::freeze::Selection;
+use llama_pro::train::config::{DataSource, EvalSet, LrScale, Method, Resume, TrainConfig};
+use llama_pro::train::schedule::ScheduleKind;
+use llama_pro::train::trainer::{LossPlot, Observer, Observers, TrainReport, train};
+
+use super::progress::TrainProgress;
+use super::{choice, dtype_parser};
+
+/// `llama-pro train`. Every flag overrides the same key of `--config`; defaults are the paper's
+/// recipe (AdamW β 0.9/0.95, lr 2e-4, 6% warmup, cosine, weight decay 0.1, clip 1.0).
+#[derive(Args, Debug, Default)]
+pub struct TrainArgs {
+    /// TOML file with any of the keys below (snake_case); flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Model directory (an expanded one for --method pro).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Training data, repeatable: FILE or FILE:WEIGHT (mixture), .txt or .jsonl.
+    #[arg(long)]
+    pub data: Vec<DataSource>,
+    /// Output directory: checkpoints/, metrics.jsonl, report.json, model/.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// pro: only the expanded blocks (default); full: everything; lora: low-rank adapters on
+    /// every block's linear layers (merged at export); freeze-originals: N original
+    /// interleaved blocks, no expansion (the paper's baseline).
+    #[arg(long, value_parser = choice::<Method>(Method::ALL.map(|m| m.name())))]
+    pub method: Option<Method>,
+    /// Initialise the weights randomly from the model directory's config.json (seeded by --seed)
+    /// instead of loading them: pretraining from scratch (the model directory then needs only
+    /// config.json and the tokenizer files).
+    #[arg(long)]
+    pub random_init: bool,
+    /// LoRA rank for --method lora (default 8).
+    #[arg(long)]
+    pub lora_rank: Option<usize>,
+    /// LoRA alpha: updates are scaled by alpha / rank (default 16).
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Linear layers with LoRA adapters, comma-separated (default: all seven of a block).
+    #[arg(long, value_delimiter = ',')]
+    pub lora_targets: Vec<String>,
+    /// Parameter selection overriding --method, e.g. `expanded+embed_tokens`, `expanded.mlp`.
+    #[arg(long)]
+    pub trainable: Option<Selection>,
+    /// Learning-rate factor of a group, repeatable: SELECTION=FACTOR (e.g. embed_tokens=0.1).
+    #[arg(long)]
+    pub lr_scale: Vec<LrScale>,
+    /// Optimizer steps.
+    #[arg(long, conflicts_with = "epochs")]
+    pub max_steps: Option<usize>,
+    /// Passes over the data (when --max-steps is not given; default 1).
+    #[arg(long)]
+    pub epochs: Option<f64>,
+    /// Sequences per micro-batch (default 8).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per optimizer step; the effective batch is batch-size x grad-accum (default 1).
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Tokens per sequence (default 512).
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// One line = one sequence (truncated, padding masked out of the loss) instead of packing.
+    #[arg(long)]
+    pub no_packing: bool,
+    /// Tokenize every run instead of using the token cache ($LLAMA_PRO_CACHE or ~/.cache/llama-pro/tokens).
+    #[arg(long)]
+    pub no_token_cache: bool,
+    /// Peak learning rate (paper: 2e-4).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Decay after warmup (paper: cosine).
+    #[arg(long, value_parser = choice::<ScheduleKind>(ScheduleKind::ALL.map(|k| k.name())))]
+    pub lr_schedule: Option<ScheduleKind>,
+    /// Fraction of steps in linear warmup (paper: 0.06).
+    #[arg(long)]
+    pub warmup_ratio: Option<f64>,
+    /// Learning-rate floor of the decay (default 0).
+    #[arg(long)]
+    pub min_lr: Option<f64>,
+    /// Decoupled weight decay on >= 2-D tensors (paper: 0.1).
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// AdamW beta1 (paper: 0.9).
+    #[arg(long)]
+    pub adam_beta1: Option<f64>,
+    /// AdamW beta2 (paper: 0.95).
+    #[arg(long)]
+    pub adam_beta2: Option<f64>,
+    /// AdamW epsilon (default 1e-8, as torch).
+    #[arg(long)]
+    pub adam_eps: Option<f64>,
+    /// Clip the global gradient norm (paper: 1.0; 0 = off).
+    #[arg(long)]
+    pub clip_grad_norm: Option<f64>,
+    /// f32 (default), or bf16/f16 mixed precision: frozen weights and activations in that dtype,
+    /// trainable weights and optimizer state in f32 (master weights); the export is in that dtype.
+    #[arg(long, value_parser = dtype_parser())]
+    pub dtype: Option<DType>,
+    /// Recompute memory-bound activations in the backward pass (less memory, more compute).
+    #[arg(long)]
+    pub activation_checkpointing: bool,
+    /// Evaluation set, repeatable: NAME=FILE (default: a held-out 2% of the training data).
+    #[arg(long)]
+    pub eval: Vec<EvalSet>,
+    /// Evaluate on at most N windows of each --eval set (evenly spaced; default: all).
+    #[arg(long)]
+    pub eval_max_sequences: Option<usize>,
+    /// Evaluate every N steps (0: before and after only).
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// Write a checkpoint every N steps (0: at the end only).
+    #[arg(long)]
+    pub save_every: Option<usize>,
+    /// Keep the last N checkpoints (default 2).
+    #[arg(long)]
+    pub keep: Option<usize>,
+    /// Resume from `latest` (the newest checkpoint in OUTPUT) or a checkpoint directory.
+    #[arg(long, num_args = 0..=1, default_missing_value = "latest")]
+    pub resume: Option<Resume>,
+    /// Log a line every N steps (default 10).
+    #[arg(long)]
+    pub log_every: Option<usize>,
+    /// Seed for the data order (default 0).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// cpu, wgpu[:N] or cuda[:N].
+    #[arg(long)]
+    pub device: Option<DeviceSpec>,
+    /// Peak TFLOP/s of the device for the printed MFU (default: estimated on the CPU from
+    /// /proc/cpuinfo; give it for GPUs, e.g. 989 for an H100 SXM in bf16).
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
+}
+
+impl TrainArgs {
+    /// The configuration: `--config` (if any), then every given flag.
+    pub fn resolve(&self) -> anyhow::Result<TrainConfig> {
+        let mut c = match &self.config {
+            Some(p) => TrainConfig::from_toml(p)?,
+            None => TrainConfig::default(),
+        };
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone(); } )* };
+        }
+        set!(
+            model,
+            output,
+            method,
+            lr,
+            lr_schedule,
+            warmup_ratio,
+            min_lr,
+            weight_decay,
+            adam_beta1,
+            adam_beta2,
+            adam_eps,
+            clip_grad_norm,
+            dtype,
+            eval_every,
+            save_every,
+            keep,
+            log_every,
+            seed,
+            device,
+            batch_size,
+            grad_accum,
+            seq_len,
+            epochs,
+            lora_rank,
+            lora_alpha
+        );
+        macro_rules! set_some {
+            ($($f:ident),*) => { $( if self.$f.is_some() { c.$f = self.$f.clone(); } )* };
+        }
+        set_some!(
+            trainable,
+            peak_tflops,
+            eval_max_sequences,
+            max_steps,
+            resume
+        );
+        macro_rules! set_list {
+            ($($f:ident),*) => { $( if !self.$f.is_empty() { c.$f = self.$f.clone(); } )* };
+        }
+        set_list!(lora_targets, data, eval, lr_scale);
+        c.random_init |= self.random_init;
+        c.activation_checkpointing |= self.activation_checkpointing;
+        c.packing &= !self.no_packing;
+        c.token_cache &= !self.no_token_cache;
+        Ok(c)
+    }
+}
+
+pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
+    let cfg = a.resolve()?;
+    cfg.validate()?;
+    std::fs::create_dir_all(&cfg.output)
+        .map_err(|e| llama_pro::train::TrainError::io(&cfg.output, e))?;
+    // The resolved configuration, saved next to the results.
+    let resolved = cfg.to_toml()?;
+    let path = cfg.output.join("train.toml");
+    std::fs::write(&path, &resolved).map_err(|e| llama_pro::train::TrainError::io(&path, e))?;
+    eprintln!("configuration (saved to {}):\n{resolved}", path.display());
+    let stop: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
+    let _ = ctrlc::set_handler(move || {
+        if stop.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!(
+            "\ninterrupt: finishing the current step and writing a checkpoint (Ctrl-C again to quit now)"
+        );
+    });
+    let report = dispatch_autodiff_with(
+        cfg.device,
+        cfg.activation_checkpointing,
+        TrainTask { cfg: &cfg, stop },
+    )??;
+    if report.interrupted {
+        eprintln!(
+            "stopped after step {}; continue with: llama-pro train --config {} --resume",
+            report.steps,
+            path.display()
+        );
+    }
+    println!(
+        "{} steps, {:.0} tokens/s, {} of {} parameters trained{}",
+        report.steps,
+        report.tokens_per_sec,
+        report.trainable_params,
+        report.total_params,
+        report
+            .model_dir
+            .as_ref()
+            .map(|d| format!("; model: {}", d.display()))
+            .unwrap_or_default()
+    );
+    let achieved = report.tokens_per_sec * report.flops_per_token;
+    match (&report.peak_flops, report.mfu) {
+        (Some((peak, source)), Some(mfu)) => println!(
+            "model FLOPs: {:.1} M/token, {:.2} GFLOP/s achieved; MFU {:.1}% of {:.1} GFLOP/s peak (estimated: {source})",
+            report.flops_per_token / 1e6,
+            achieved / 1e9,
+            100.0 * mfu,
+            peak / 1e9
+        ),
+        _ => println!(
+            "model FLOPs: {:.1} M/token, {:.2} GFLOP/s achieved (give --peak-tflops for the MFU)",
+            report.flops_per_token / 1e6,
+            achieved / 1e9
+        ),
+    }
+    Ok(())
+}
+
+struct TrainTask<'a> {
+    cfg: &'a TrainConfig,
+    stop: &'a AtomicBool,
+}
+
+impl OnAutodiffBackend for TrainTask<'_> {
+    type Output = llama_pro::train::Result<TrainReport>;
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+        let out = &self.cfg.output;
+        let mut progress = TrainProgress::new(self.cfg.log_every);
+        let mut plot = LossPlot::new(&out.join("metrics.jsonl"), &out.join("loss.png"));
+        let mut observers = Observers::new();
+        // The plot reads metrics.jsonl, which the trainer's log has written before the plot sees
+        // the event.
+        observers.push(&mut progress);
+        observers.push(&mut plot);
+        let report = train::<B>(self.cfg.clone(), &device, &mut observers, self.stop);
+        drop(observers);
+        for w in &plot.warnings {
+            progress.on_event(&llama_pro::train::trainer::Event::Warning(w));
+        }
+        report
+    }
+}
