@@ -5,10 +5,11 @@
 
 pub mod cli;
 mod common;
+mod backends;
 mod demo;
 mod expansion;
 mod generation;
 mod io;
 mod kernels;
-mod parity;
+pub mod parity;
 mod training;
