@@ -62,7 +62,7 @@ impl Method {
             Self::Full => "all".into(),
             Self::Lora => "lora".into(),
             Self::FreezeOriginals => {
-                if num_layers % 4 != 0 {
+                if !num_layers.is_multiple_of(4) {
                     return Err(TrainError::setting(
                         "method",
                         format!(
@@ -99,11 +99,13 @@ impl FromStr for Method {
 }
 
 /// A training data file and its mixture weight. Short form `PATH` or `PATH:WEIGHT`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
 pub struct DataSource {
     /// `.txt` (one document per line) or `.jsonl` (`{"text"}` or `{"input_ids"}` per line).
     pub path: PathBuf,
     /// Relative sampling weight (> 0).
+    #[serde(default = "one")]
     pub weight: f64,
 }
 
@@ -121,26 +123,25 @@ impl FromStr for DataSource {
     type Err = TrainError;
     /// `PATH` or `PATH:WEIGHT`; a suffix after the last `:` that is not a number is part of the path.
     fn from_str(s: &str) -> Result<Self> {
-        if let Some((p, w)) = s.rsplit_once(':') {
-            if let Ok(weight) = w.parse::<f64>() {
-                if !(weight > 0.0 && weight.is_finite()) {
-                    return Err(TrainError::setting(
-                        "data",
-                        format!("{s:?}: the mixture weight must be a number > 0"),
-                    ));
-                }
-                return Ok(Self {
-                    path: p.into(),
-                    weight,
-                });
+        if let Some((p, Ok(weight))) = s.rsplit_once(':').map(|(p, w)| (p, w.parse::<f64>())) {
+            if !(weight > 0.0 && weight.is_finite()) {
+                return Err(TrainError::setting(
+                    "data",
+                    format!("{s:?}: the mixture weight must be a number > 0"),
+                ));
             }
+            return Ok(Self {
+                path: p.into(),
+                weight,
+            });
         }
         Ok(Self::new(s))
     }
 }
 
 /// A named evaluation set. Short form `NAME=FILE`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
 pub struct EvalSet {
     /// Name in logs, metrics and plots.
     pub name: String,
@@ -165,7 +166,8 @@ impl FromStr for EvalSet {
 }
 
 /// A learning-rate factor for a group of parameters. Short form `SELECTION=FACTOR`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
 pub struct LrScale {
     /// The parameters (see `llama_pro_core::freeze` for the syntax).
     pub selection: Selection,
@@ -512,10 +514,8 @@ impl TrainConfig {
                 );
             }
         }
-        if let Some(p) = self.peak_tflops {
-            if !finite_pos(p) {
-                return bad("peak_tflops", format!("must be a number > 0, got {p}"));
-            }
+        if let Some(p) = self.peak_tflops.filter(|p| !finite_pos(*p)) {
+            return bad("peak_tflops", format!("must be a number > 0, got {p}"));
         }
         Ok(())
     }
@@ -531,21 +531,23 @@ impl TrainConfig {
 
 // ---- TOML/serde: the short string form or a table ----------------------------------------------
 
-/// Deserialize `T` from the command line's short string form (`T: FromStr`) or from a table
-/// (`R`, converted with `From`).
-fn str_or_table<'de, D, T, R>(d: D) -> std::result::Result<T, D::Error>
+/// A type written as a table in TOML (its derived `remote = "Self"` functions).
+trait Table: Sized {
+    fn from_table<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error>;
+}
+
+/// Deserialize `T` from the command line's short string form (`T: FromStr`) or from a table.
+fn str_or_table<'de, D, T>(d: D) -> std::result::Result<T, D::Error>
 where
     D: Deserializer<'de>,
-    T: FromStr + From<R>,
+    T: FromStr + Table,
     T::Err: fmt::Display,
-    R: Deserialize<'de>,
 {
-    struct V<T, R>(PhantomData<(T, R)>);
-    impl<'de, T, R> Visitor<'de> for V<T, R>
+    struct V<T>(PhantomData<T>);
+    impl<'de, T> Visitor<'de> for V<T>
     where
-        T: FromStr + From<R>,
+        T: FromStr + Table,
         T::Err: fmt::Display,
-        R: Deserialize<'de>,
     {
         type Value = T;
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -555,79 +557,36 @@ where
             s.parse().map_err(E::custom)
         }
         fn visit_map<A: MapAccess<'de>>(self, map: A) -> std::result::Result<T, A::Error> {
-            R::deserialize(de::value::MapAccessDeserializer::new(map)).map(T::from)
+            T::from_table(de::value::MapAccessDeserializer::new(map))
         }
     }
     d.deserialize_any(V(PhantomData))
 }
 
+/// Serde for types read from a short string or a table, written as a table: the derives (with
+/// `remote = "Self"`) give the table form, these impls add the string form.
+macro_rules! string_or_table {
+    ($($t:ty),*) => {$(
+        impl Table for $t {
+            fn from_table<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+                <$t>::deserialize(d)
+            }
+        }
+        impl Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+                <$t>::serialize(self, s)
+            }
+        }
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+                str_or_table(d)
+            }
+        }
+    )*};
+}
+
+string_or_table!(DataSource, EvalSet, LrScale);
+
 fn one() -> f64 {
     1.0
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DataSourceTable {
-    path: PathBuf,
-    #[serde(default = "one")]
-    weight: f64,
-}
-
-impl From<DataSourceTable> for DataSource {
-    fn from(t: DataSourceTable) -> Self {
-        Self {
-            path: t.path,
-            weight: t.weight,
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for DataSource {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        str_or_table::<D, Self, DataSourceTable>(d)
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EvalSetTable {
-    name: String,
-    path: PathBuf,
-}
-
-impl From<EvalSetTable> for EvalSet {
-    fn from(t: EvalSetTable) -> Self {
-        Self {
-            name: t.name,
-            path: t.path,
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for EvalSet {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        str_or_table::<D, Self, EvalSetTable>(d)
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LrScaleTable {
-    selection: Selection,
-    factor: f64,
-}
-
-impl From<LrScaleTable> for LrScale {
-    fn from(t: LrScaleTable) -> Self {
-        Self {
-            selection: t.selection,
-            factor: t.factor,
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for LrScale {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        str_or_table::<D, Self, LrScaleTable>(d)
-    }
 }

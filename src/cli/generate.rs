@@ -94,15 +94,14 @@ impl OnBackend for GenerateTask<'_> {
         let start = std::time::Instant::now();
         let out = generate(&model, &prompt, &cfg, &device, |t| {
             generated.push(t);
-            if let Ok(text) = tok.decode(&generated) {
-                if text.len() > printed
-                    && text.is_char_boundary(printed)
-                    && !text.ends_with('\u{FFFD}')
-                {
-                    let _ = write!(stdout, "{}", &text[printed..]);
-                    let _ = stdout.flush();
-                    printed = text.len();
-                }
+            if let Ok(text) = tok.decode(&generated)
+                && text.len() > printed
+                && text.is_char_boundary(printed)
+                && !text.ends_with('\u{FFFD}')
+            {
+                let _ = write!(stdout, "{}", &text[printed..]);
+                let _ = stdout.flush();
+                printed = text.len();
             }
         })?;
         let secs = start.elapsed().as_secs_f64();

@@ -178,10 +178,10 @@ pub fn train_on<B: burn::tensor::backend::AutodiffBackend>(
     use llama_pro::train::trainer::Event;
     let stop = std::sync::atomic::AtomicBool::new(false);
     let mut observer = |e: &Event<'_>| {
-        if let Event::Step(m) = e {
-            if !on_step(m) {
-                stop.store(true, std::sync::atomic::Ordering::SeqCst);
-            }
+        if let Event::Step(m) = e
+            && !on_step(m)
+        {
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
         }
     };
     llama_pro::train::trainer::train::<B>(cfg.clone(), device, &mut observer, &stop)

@@ -3,9 +3,9 @@
 //! Fixtures under `tests/fixtures` were made by `scripts/make_fixtures.py` with transformers
 //! (versions in `tests/fixtures/VERSIONS.txt`); no Python is needed to run these tests.
 
+mod backends;
 pub mod cli;
 mod common;
-mod backends;
 mod demo;
 mod expansion;
 mod generation;

@@ -38,7 +38,10 @@ pub fn parity_within<B: burn::tensor::backend::Backend>(device: &B::Device, tol:
             let loss = to_vec(s).0[0] / to_vec(c).0[0];
             let want = golden.f32("loss").0[0];
             println!("{name:<28} loss ours {loss:.7} transformers {want:.7}");
-            assert!((loss - want).abs() <= tol / 10.0, "{name}: loss {loss} vs {want}");
+            assert!(
+                (loss - want).abs() <= tol / 10.0,
+                "{name}: loss {loss} vs {want}"
+            );
 
             // Right-padded batch: pad positions ignored as labels -100.
             let pids = golden.ids::<B>("pad_input_ids", device);

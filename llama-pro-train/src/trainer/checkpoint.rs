@@ -168,10 +168,8 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// report); [`Trainer::finish`] does all three.
     pub fn export(self) -> Result<TrainReport> {
         let mut report = self.report(false);
-        if let Some((step, r)) = &self.latest_eval {
-            if *step == self.step {
-                report.eval_after = r.clone();
-            }
+        if let Some((_, r)) = self.latest_eval.as_ref().filter(|(s, _)| *s == self.step) {
+            report.eval_after = r.clone();
         }
         let out = self.config.output.join("model");
         let dtype = self.config.dtype;

@@ -184,14 +184,14 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// `eval_every` steps, not after the last: [`Trainer::finish`] evaluates then).
     pub fn eval_due(&self) -> bool {
         let every = self.config.eval_every;
-        every > 0 && self.step % every == 0 && self.step > 0 && !self.is_done()
+        every > 0 && self.step.is_multiple_of(every) && self.step > 0 && !self.is_done()
     }
 
     /// True when the configuration asks for a checkpoint after the step just done (every
     /// `save_every` steps, not after the last: [`Trainer::finish`] saves then).
     pub fn save_due(&self) -> bool {
         let every = self.config.save_every;
-        every > 0 && self.step % every == 0 && self.step > 0 && !self.is_done()
+        every > 0 && self.step.is_multiple_of(every) && self.step > 0 && !self.is_done()
     }
 
     /// The report so far (`interrupted`: the run stops before its last step).

@@ -111,9 +111,12 @@ pub(super) fn write_run_readme(
     let data: Vec<String> = cfg
         .data
         .iter()
-        .map(|d| match d.weight {
-            w if w == 1.0 => d.path.display().to_string(),
-            w => format!("{}:{w}", d.path.display()),
+        .map(|d| {
+            if d.weight == 1.0 {
+                d.path.display().to_string()
+            } else {
+                format!("{}:{}", d.path.display(), d.weight)
+            }
         })
         .collect();
     let text = format!(
@@ -288,10 +291,11 @@ impl LossPlot {
 #[cfg(feature = "plot")]
 impl Observer for LossPlot {
     fn on_event(&mut self, event: &Event<'_>) {
-        if matches!(event, Event::Eval { .. } | Event::End(_)) {
-            if let Err(e) = plot_run(&self.metrics, &self.png) {
-                self.warnings.push(format!("loss plot: {e}"));
-            }
+        if !matches!(event, Event::Eval { .. } | Event::End(_)) {
+            return;
+        }
+        if let Err(e) = plot_run(&self.metrics, &self.png) {
+            self.warnings.push(format!("loss plot: {e}"));
         }
     }
 }

@@ -190,10 +190,11 @@ fn take_grads<B: AutodiffBackend>(
     }
     impl<B: AutodiffBackend> NamedVisitor<B> for V<'_> {
         fn visit<const D: usize>(&mut self, _: &str, param: &Param<Tensor<B, D>>) {
-            if self.ids.contains(&param.id) {
-                if let Some(g) = self.from.remove::<B::InnerBackend, D>(param.id) {
-                    self.to.register::<B::InnerBackend, D>(param.id, g);
-                }
+            if !self.ids.contains(&param.id) {
+                return;
+            }
+            if let Some(g) = self.from.remove::<B::InnerBackend, D>(param.id) {
+                self.to.register::<B::InnerBackend, D>(param.id, g);
             }
         }
     }
