@@ -10,7 +10,7 @@ fn main() -> ExitCode {
     llama_pro::core::device::tune_allocator();
     let args = cli::Cli::parse();
     match cli::run(args) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             // The whole cause chain on one line; settings named by their flag; no backtrace for
             // user errors.

@@ -210,6 +210,41 @@ impl LlamaConfig {
         }
     }
 
+    /// Every tensor a checkpoint of this configuration holds, by HF name with its shape, in
+    /// module order (`lm_head.weight` only when untied). This is the list `LlamaConfig::load`
+    /// asks a weight source for (a test checks that the two agree), without building a model.
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (d, f, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let (q, kv) = (
+            self.num_attention_heads * self.head_dim,
+            self.num_key_value_heads * self.head_dim,
+        );
+        let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, d])];
+        let linear = |out: &mut Vec<(String, Vec<usize>)>, name: String, o, i, bias: bool| {
+            out.push((format!("{name}.weight"), vec![o, i]));
+            if bias {
+                out.push((format!("{name}.bias"), vec![o]));
+            }
+        };
+        for l in 0..self.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            linear(&mut out, format!("{p}.self_attn.q_proj"), q, d, self.qkv_bias);
+            linear(&mut out, format!("{p}.self_attn.k_proj"), kv, d, self.qkv_bias);
+            linear(&mut out, format!("{p}.self_attn.v_proj"), kv, d, self.qkv_bias);
+            linear(&mut out, format!("{p}.self_attn.o_proj"), d, q, self.o_bias);
+            linear(&mut out, format!("{p}.mlp.gate_proj"), f, d, self.mlp_bias);
+            linear(&mut out, format!("{p}.mlp.up_proj"), f, d, self.mlp_bias);
+            linear(&mut out, format!("{p}.mlp.down_proj"), d, f, self.mlp_bias);
+            out.push((format!("{p}.input_layernorm.weight"), vec![d]));
+            out.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
+        }
+        out.push(("model.norm.weight".to_string(), vec![d]));
+        if !self.tie_word_embeddings {
+            linear(&mut out, "lm_head".to_string(), v, d, false);
+        }
+        out
+    }
+
     /// Parameters of one decoder block.
     pub fn block_params(&self) -> usize {
         let (d, h, kv, hd, f) = (

@@ -103,19 +103,73 @@ fn not_built(feature: &str) -> CoreError {
     ))
 }
 
-/// Run `task` on the backend named by `spec`.
+/// Run `task` on the backend named by `spec`, after checking that the device starts (see
+/// [`probe`]).
 pub fn dispatch<T: OnBackend>(spec: DeviceSpec, task: T) -> Result<T::Output> {
     match spec {
         #[cfg(feature = "cpu")]
         DeviceSpec::Cpu => Ok(task.run::<burn::backend::Flex>(Default::default())),
         #[cfg(feature = "wgpu")]
-        DeviceSpec::Wgpu(i) => Ok(task.run::<WgpuBackend>(wgpu_device(i))),
+        DeviceSpec::Wgpu(i) => {
+            let device = wgpu_device(i)?;
+            probe::<WgpuBackend>(spec, &device)?;
+            Ok(task.run::<WgpuBackend>(device))
+        }
         #[cfg(feature = "cuda")]
         DeviceSpec::Cuda(i) => {
-            Ok(task.run::<burn::backend::Cuda>(burn::backend::cuda::CudaDevice::new(i)))
+            let device = burn::backend::cuda::CudaDevice::new(i);
+            probe::<burn::backend::Cuda>(spec, &device)?;
+            Ok(task.run::<burn::backend::Cuda>(device))
         }
         #[allow(unreachable_patterns)]
         other => Err(not_built(feature_of(other))),
+    }
+}
+
+/// Check that the device named by `spec` is available and starts, before anything is written:
+/// the backend is built in, a wgpu adapter exists (the error lists what was found), and a small
+/// computation runs (a backend that panics while starting, e.g. CUDA without a driver, becomes an
+/// error naming the device).
+pub fn check_device(spec: DeviceSpec) -> Result<()> {
+    struct Nothing;
+    impl OnBackend for Nothing {
+        type Output = ();
+        fn run<B: burn::tensor::backend::Backend>(self, _: B::Device) {}
+    }
+    dispatch(spec, Nothing)
+}
+
+/// Run a one-element computation on `device`, turning a panic inside the backend into an error.
+#[allow(dead_code)]
+fn probe<B: burn::tensor::backend::Backend>(spec: DeviceSpec, device: &B::Device) -> Result<()> {
+    let device = device.clone();
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        burn::tensor::Tensor::<B, 1>::ones([1], &device)
+            .sum()
+            .into_data()
+            .to_vec::<f32>()
+            .ok()
+    }));
+    std::panic::set_hook(hook);
+    match r {
+        Ok(Some(v)) if v == [1.0] => Ok(()),
+        Ok(_) => Err(CoreError::setting(
+            "device",
+            format!("\"{spec}\": a test computation gave a wrong result"),
+        )),
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "the backend panicked".into());
+            Err(CoreError::setting(
+                "device",
+                format!("\"{spec}\" could not start: {msg}"),
+            ))
+        }
     }
 }
 
@@ -145,17 +199,22 @@ pub fn dispatch_autodiff_with<T: OnAutodiffBackend>(
             Ok(task.run::<Autodiff<burn::backend::Flex, Ck>>(Default::default()))
         }
         #[cfg(feature = "wgpu")]
-        (DeviceSpec::Wgpu(i), false) => Ok(task.run::<Autodiff<WgpuBackend>>(wgpu_device(i))),
-        #[cfg(feature = "wgpu")]
-        (DeviceSpec::Wgpu(i), true) => Ok(task.run::<Autodiff<WgpuBackend, Ck>>(wgpu_device(i))),
-        #[cfg(feature = "cuda")]
-        (DeviceSpec::Cuda(i), false) => {
-            Ok(task.run::<Autodiff<burn::backend::Cuda>>(burn::backend::cuda::CudaDevice::new(i)))
+        (DeviceSpec::Wgpu(i), ck) => {
+            let device = wgpu_device(i)?;
+            probe::<WgpuBackend>(spec, &device)?;
+            Ok(match ck {
+                false => task.run::<Autodiff<WgpuBackend>>(device),
+                true => task.run::<Autodiff<WgpuBackend, Ck>>(device),
+            })
         }
         #[cfg(feature = "cuda")]
-        (DeviceSpec::Cuda(i), true) => {
-            Ok(task
-                .run::<Autodiff<burn::backend::Cuda, Ck>>(burn::backend::cuda::CudaDevice::new(i)))
+        (DeviceSpec::Cuda(i), ck) => {
+            let device = burn::backend::cuda::CudaDevice::new(i);
+            probe::<burn::backend::Cuda>(spec, &device)?;
+            Ok(match ck {
+                false => task.run::<Autodiff<burn::backend::Cuda>>(device),
+                true => task.run::<Autodiff<burn::backend::Cuda, Ck>>(device),
+            })
         }
         #[allow(unreachable_patterns)]
         (other, _) => Err(not_built(feature_of(other))),
@@ -171,11 +230,80 @@ fn feature_of(spec: DeviceSpec) -> &'static str {
     }
 }
 
+/// The wgpu device for `wgpu` / `wgpu:N`: the N-th adapter (default the first) of the best kind
+/// present, in the order discrete GPU, integrated GPU, virtual GPU, CPU (Mesa's lavapipe), other,
+/// on the graphics API burn's wgpu runtime uses (Vulkan; Metal on macOS). With no adapter, or
+/// fewer than N + 1, an error lists what was found.
 #[cfg(feature = "wgpu")]
-fn wgpu_device(i: Option<usize>) -> burn::backend::wgpu::WgpuDevice {
-    match i {
-        None => burn::backend::wgpu::WgpuDevice::DefaultDevice,
-        Some(i) => burn::backend::wgpu::WgpuDevice::DiscreteGpu(i),
+pub fn wgpu_device(i: Option<usize>) -> Result<burn::backend::wgpu::WgpuDevice> {
+    use burn::backend::wgpu::WgpuDevice;
+    use wgpu::DeviceType as T;
+    let api = if cfg!(target_os = "macos") {
+        wgpu::Backend::Metal
+    } else {
+        wgpu::Backend::Vulkan
+    };
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+        backends: api.into(),
+        ..wgpu::InstanceDescriptor::new_without_display_handle()
+    });
+    let adapters: Vec<wgpu::AdapterInfo> = block_on(instance.enumerate_adapters(api.into()))
+        .iter()
+        .map(|a| a.get_info())
+        .collect();
+    let found = || {
+        adapters
+            .iter()
+            .enumerate()
+            .map(|(k, a)| format!("{k}: {} ({:?}, {:?})", a.name, a.device_type, a.backend))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let n = i.unwrap_or(0);
+    let spec = DeviceSpec::Wgpu(i);
+    let order = [T::DiscreteGpu, T::IntegratedGpu, T::VirtualGpu, T::Cpu, T::Other];
+    let Some(kind) = order
+        .into_iter()
+        .find(|k| adapters.iter().any(|a| a.device_type == *k))
+    else {
+        return Err(CoreError::setting(
+            "device",
+            format!(
+                "\"{spec}\": no {api:?} adapter found (no GPU driver, and no software one). On Linux, \
+                 Mesa's lavapipe gives a CPU adapter: apt-get install mesa-vulkan-drivers"
+            ),
+        ));
+    };
+    let of_kind = adapters.iter().filter(|a| a.device_type == kind).count();
+    if n >= of_kind {
+        return Err(CoreError::setting(
+            "device",
+            format!(
+                "\"{spec}\": there is no adapter {n} of the best kind present ({kind:?}: {of_kind}); found {}",
+                found()
+            ),
+        ));
+    }
+    Ok(match kind {
+        T::DiscreteGpu => WgpuDevice::DiscreteGpu(n),
+        T::IntegratedGpu => WgpuDevice::IntegratedGpu(n),
+        T::VirtualGpu => WgpuDevice::VirtualGpu(n),
+        T::Cpu => WgpuDevice::Cpu,
+        // cubecl takes "other" adapters when none of the asked kind exists.
+        T::Other => WgpuDevice::DiscreteGpu(n),
+    })
+}
+
+/// Poll a future that completes without waiting on I/O (wgpu's native adapter enumeration).
+#[cfg(feature = "wgpu")]
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    loop {
+        if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::yield_now();
     }
 }
 

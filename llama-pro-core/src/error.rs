@@ -60,6 +60,14 @@ pub enum CoreError {
         /// Files searched.
         files: String,
     },
+    /// Tensors the configuration implies that the checkpoint does not hold.
+    #[error("missing tensor(s) {names:?} (looked in {files})")]
+    MissingTensors {
+        /// HF tensor names.
+        names: Vec<String>,
+        /// Files searched.
+        files: String,
+    },
     /// Tensors in the checkpoint that the model does not use.
     #[error("{path}: unexpected tensor(s) not used by the model: {names:?}")]
     UnexpectedTensors {
@@ -106,6 +114,14 @@ pub enum CoreError {
         /// The setting.
         key: String,
         /// The value given and what was expected.
+        message: String,
+    },
+    /// A tensor with values that are not finite, or would not be in the dtype asked for.
+    #[error("tensor {name:?}: {message}")]
+    NonFinite {
+        /// HF tensor name.
+        name: String,
+        /// How many values, which, and what to do.
         message: String,
     },
     /// An output directory that holds something and may not be replaced.

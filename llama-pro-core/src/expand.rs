@@ -483,21 +483,49 @@ pub struct ExpandReport {
 ///
 /// The output `config.json` is the input's with `num_hidden_layers` updated, per-layer lists
 /// (`layer_types`) remapped and the layer map recorded under [`CONFIG_KEY`].
+///
+/// Before a byte is written, the input is checked against its `config.json` from the headers
+/// (every tensor present with its shape, nothing unknown), and the output may not be the input
+/// or lie inside it (or the other way round).
 pub fn expand_checkpoint(
     src_dir: &std::path::Path,
     out_dir: &std::path::Path,
     plan: &ExpansionPlan,
     opts: &crate::save::SaveOptions,
 ) -> Result<ExpandReport> {
+    expand_checkpoint_checked(src_dir, out_dir, plan, opts, &mut |_| Ok(()))
+}
+
+/// [`expand_checkpoint`] that runs `check` on the written model in its temporary directory (the
+/// identity check, say) and moves it into place only if the check passes: a failed check leaves
+/// `out_dir` as it was.
+pub fn expand_checkpoint_checked(
+    src_dir: &std::path::Path,
+    out_dir: &std::path::Path,
+    plan: &ExpansionPlan,
+    opts: &crate::save::SaveOptions,
+    check: &mut dyn FnMut(&std::path::Path) -> Result<()>,
+) -> Result<ExpandReport> {
     use crate::config::HfConfig;
-    use crate::save::{LazyBytes, LazyTensor, write_model_dir};
+    use crate::save::{LazyBytes, LazyTensor, paths_overlap, write_model_dir_checked};
     use crate::weights::Checkpoint;
 
+    if paths_overlap(src_dir, out_dir) {
+        return Err(CoreError::setting(
+            "output",
+            format!(
+                "{} is the input model {} or inside it (or contains it): write the expansion elsewhere",
+                out_dir.display(),
+                src_dir.display()
+            ),
+        ));
+    }
     let hf = HfConfig::from_path(src_dir)?;
     let l = hf.config.num_hidden_layers;
     let previous = LayerMap::from_config(&hf.raw, l, &hf.path)?;
     let map = plan.layer_map(l)?;
     let ckpt = Checkpoint::open(src_dir)?;
+    ckpt.check_layout(&hf.config)?;
 
     // Every input tensor must be accounted for: layer tensors are remapped, the rest copied.
     let mut per_layer: Vec<Vec<String>> = vec![Vec::new(); l];
@@ -588,7 +616,7 @@ pub fn expand_checkpoint(
         .map(|v| v as usize)
         .unwrap_or(base_layers);
     json.insert(CONFIG_KEY.into(), full.to_config_value(&plan_text, base));
-    write_model_dir(out_dir, &json, tensors, Some(src_dir), opts)?;
+    write_model_dir_checked(out_dir, &json, tensors, Some(src_dir), opts, check)?;
     Ok(ExpandReport {
         map: full,
         from_layers: l,

@@ -162,7 +162,7 @@ pub fn generate<B: Backend>(
     let mut out = Vec::new();
     let mut input: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
     let mut all = input.clone();
-    for _ in 0..cfg.max_new_tokens {
+    for step in 0..cfg.max_new_tokens {
         let n = input.len();
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(input, [1, n]), device);
         let logits = if cfg.use_kv_cache {
@@ -178,6 +178,14 @@ pub fn generate<B: Backend>(
             .into_data()
             .into_vec::<f32>()
             .map_err(|e| CoreError::Invalid(format!("reading logits: {e:?}")))?;
+        let bad = row.iter().filter(|v| !v.is_finite()).count();
+        if bad > 0 {
+            return Err(CoreError::Invalid(format!(
+                "the model's logits are not finite ({bad} of {vocab} NaN or infinite at new token {}): \
+                 its weights or activations overflowed; check the weights (eval --check-finite) or compute in f32",
+                step + 1
+            )));
+        }
         let next = sampler.sample(&row);
         out.push(next);
         on_token(next);

@@ -98,6 +98,56 @@ impl TensorSource for OwnedTensor {
     }
 }
 
+/// The number of values in little-endian `bytes` of `dtype` that are NaN or ±inf.
+pub fn count_non_finite(bytes: &[u8], dtype: DType) -> usize {
+    match dtype {
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .filter(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7F80_0000 == 0x7F80_0000)
+            .count(),
+        // The exponent bits all set: inf or NaN.
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .filter(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7F80 == 0x7F80)
+            .count(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .filter(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7C00 == 0x7C00)
+            .count(),
+    }
+}
+
+/// [`f32_to_bytes`], refusing values that are not finite or that `dtype` cannot hold (float16
+/// overflows to ±inf above 65504): the error names the tensor, how many values and the largest.
+pub fn f32_to_finite_bytes(name: &str, values: &[f32], dtype: DType) -> Result<Vec<u8>> {
+    let bad = values.iter().filter(|v| !v.is_finite()).count();
+    if bad > 0 {
+        return Err(CoreError::NonFinite {
+            name: name.to_string(),
+            message: format!("{bad} of {} values are NaN or infinite", values.len()),
+        });
+    }
+    let bytes = f32_to_bytes(values, dtype);
+    let over = count_non_finite(&bytes, dtype);
+    if over > 0 {
+        let max = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+        return Err(CoreError::NonFinite {
+            name: name.to_string(),
+            message: format!(
+                "{over} of {} values overflow {dtype} (largest |value| {max}; {dtype} holds up to {}): \
+                 write bf16 or f32 instead",
+                values.len(),
+                match dtype {
+                    DType::F16 => f16::MAX.to_f32(),
+                    DType::BF16 => bf16::MAX.to_f32(),
+                    DType::F32 => f32::MAX,
+                }
+            ),
+        });
+    }
+    Ok(bytes)
+}
+
 /// Convert f32 values to little-endian bytes of `dtype` (round to nearest even, as torch).
 pub fn f32_to_bytes(values: &[f32], dtype: DType) -> Vec<u8> {
     match dtype {
@@ -116,7 +166,9 @@ pub fn f32_to_bytes(values: &[f32], dtype: DType) -> Vec<u8> {
 /// Save `model` as a HuggingFace directory at `out`.
 ///
 /// `hf` supplies the original `config.json` keys; `source_dir` (usually the directory the model
-/// was loaded from) supplies tokenizer and generation files.
+/// was loaded from) supplies tokenizer and generation files. Every value must be finite in the
+/// output dtype (a NaN weight, or a value float16 cannot hold, is an error naming the tensor,
+/// and nothing is written).
 pub fn save_pretrained<B: Backend>(
     model: &LlamaForCausalLM<B>,
     hf: &HfConfig,
@@ -124,6 +176,16 @@ pub fn save_pretrained<B: Backend>(
     out: &Path,
     opts: &SaveOptions,
 ) -> Result<()> {
+    if let Some(src) = source_dir.filter(|s| paths_overlap(s, out)) {
+        return Err(CoreError::setting(
+            "output",
+            format!(
+                "{} is the source model {} or inside it (or contains it): write elsewhere",
+                out.display(),
+                src.display()
+            ),
+        ));
+    }
     let dtype = opts.dtype.unwrap_or(model.config.dtype);
     let mut tensors = Vec::new();
     for p in model.named_parameters() {
@@ -131,13 +193,23 @@ pub fn save_pretrained<B: Backend>(
         let bytes = match (data.dtype, dtype) {
             (burn::tensor::DType::F32, DType::F32)
             | (burn::tensor::DType::BF16, DType::BF16)
-            | (burn::tensor::DType::F16, DType::F16) => data.as_bytes().to_vec(),
+            | (burn::tensor::DType::F16, DType::F16) => {
+                let bytes = data.as_bytes().to_vec();
+                let bad = count_non_finite(&bytes, dtype);
+                if bad > 0 {
+                    return Err(CoreError::NonFinite {
+                        name: p.name,
+                        message: format!("{bad} values are NaN or infinite"),
+                    });
+                }
+                bytes
+            }
             _ => {
                 let values = data
                     .convert::<f32>()
                     .into_vec::<f32>()
                     .map_err(|e| CoreError::Invalid(format!("reading {}: {e:?}", p.name)))?;
-                f32_to_bytes(&values, dtype)
+                f32_to_finite_bytes(&p.name, &values, dtype)?
             }
         };
         tensors.push((
@@ -163,6 +235,20 @@ pub fn write_model_dir<T: TensorSource>(
     source_dir: Option<&Path>,
     opts: &SaveOptions,
 ) -> Result<()> {
+    write_model_dir_checked(out, config_json, tensors, source_dir, opts, &mut |_| Ok(()))
+}
+
+/// [`write_model_dir`] that runs `check` on the complete temporary directory before renaming it
+/// into place: when the check fails, the temporary directory is removed and `out` is left as it
+/// was.
+pub fn write_model_dir_checked<T: TensorSource>(
+    out: &Path,
+    config_json: &Map<String, Value>,
+    tensors: Vec<(String, T)>,
+    source_dir: Option<&Path>,
+    opts: &SaveOptions,
+    check: &mut dyn FnMut(&Path) -> Result<()>,
+) -> Result<()> {
     let tmp = begin_atomic_dir(out, opts.overwrite)?;
     let result = (|| {
         write_json(
@@ -173,7 +259,7 @@ pub fn write_model_dir<T: TensorSource>(
         if let Some(src) = source_dir {
             copy_support_files(src, &tmp)?;
         }
-        Ok(())
+        check(&tmp)
     })();
     match result {
         Ok(()) => commit_atomic_dir(&tmp, out),
@@ -202,6 +288,22 @@ pub fn write_json(path: &Path, value: &Value) -> Result<()> {
         source,
     })?;
     std::fs::write(path, text + "\n").map_err(|e| CoreError::io(path, e))
+}
+
+/// Write `bytes` to `path` through a temporary sibling, synced, then renamed: the file is either
+/// the old one or the new one, never half of each.
+pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let io = |e| CoreError::io(path, e);
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)?;
+    sync_parent(path)
 }
 
 /// A tensor whose bytes are produced only when the file is written: read in chunks from a
@@ -396,6 +498,8 @@ pub fn begin_atomic_dir(out: &Path, overwrite: bool) -> Result<PathBuf> {
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_else(|| "model".into());
+    // Temporary directories of earlier processes that died while writing this output.
+    remove_stale_temps(&parent, Some(&name));
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| CoreError::io(&tmp, e))?;
@@ -404,15 +508,174 @@ pub fn begin_atomic_dir(out: &Path, overwrite: bool) -> Result<PathBuf> {
     Ok(tmp)
 }
 
-/// Move a finished temporary directory to `out`, replacing what was there.
+/// Move a finished temporary directory to `out`, replacing what was there: every file and the
+/// directory are synced to disk first, the swap is atomic where the system allows it (Linux's
+/// `renameat2(RENAME_EXCHANGE)`), and the parent directory is synced after, so that after a
+/// crash or power loss `out` is the old or the new directory, complete.
 pub fn commit_atomic_dir(tmp: &Path, out: &Path) -> Result<()> {
+    sync_tree(tmp)?;
     if out.exists() {
-        let old = tmp.with_extension("old");
-        std::fs::rename(out, &old).map_err(|e| CoreError::io(out, e))?;
-        std::fs::rename(tmp, out).map_err(|e| CoreError::io(out, e))?;
-        let _ = std::fs::remove_dir_all(&old);
+        if !exchange(tmp, out) {
+            let mut old = tmp.as_os_str().to_os_string();
+            old.push(".old");
+            let old = PathBuf::from(old);
+            std::fs::rename(out, &old).map_err(|e| CoreError::io(out, e))?;
+            std::fs::rename(tmp, out).map_err(|e| CoreError::io(out, e))?;
+            let _ = std::fs::remove_dir_all(&old);
+        } else {
+            // `tmp` now holds the old directory.
+            let _ = std::fs::remove_dir_all(tmp);
+        }
     } else {
         std::fs::rename(tmp, out).map_err(|e| CoreError::io(out, e))?;
     }
+    sync_parent(out)
+}
+
+/// Swap two directories atomically (Linux); false where the system cannot.
+fn exchange(a: &Path, b: &Path) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let (Ok(ca), Ok(cb)) = (
+            std::ffi::CString::new(a.as_os_str().as_bytes()),
+            std::ffi::CString::new(b.as_os_str().as_bytes()),
+        ) else {
+            return false;
+        };
+        // SAFETY: two valid NUL-terminated paths; renameat2 only reads them.
+        let r = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                ca.as_ptr(),
+                libc::AT_FDCWD,
+                cb.as_ptr(),
+                libc::RENAME_EXCHANGE,
+            )
+        };
+        r == 0
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (a, b);
+        false
+    }
+}
+
+/// fsync every file below `dir` and the directories themselves.
+fn sync_tree(dir: &Path) -> Result<()> {
+    let io = |p: &Path, e| CoreError::io(p, e);
+    for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
+        let path = entry.map_err(|e| io(dir, e))?.path();
+        if path.is_dir() {
+            sync_tree(&path)?;
+        } else {
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| io(&path, e))?;
+        }
+    }
+    sync_dir(dir)
+}
+
+/// fsync a directory (its entries: names created, renamed or removed in it).
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        std::fs::File::open(dir)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| CoreError::io(dir, e))?;
+    }
+    let _ = dir;
     Ok(())
+}
+
+fn sync_parent(path: &Path) -> Result<()> {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => sync_dir(p),
+        _ => sync_dir(Path::new(".")),
+    }
+}
+
+/// Remove the temporary directories and files (`.NAME.tmp-PID`, `.NAME.tmp-PID.old`) that
+/// processes which no longer run left in `dir` while writing `NAME` (any name when `None`).
+/// Those of running processes are left alone.
+pub fn remove_stale_temps(dir: &Path, name: Option<&str>) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return removed;
+    };
+    for entry in rd.flatten() {
+        let file = entry.file_name().to_string_lossy().to_string();
+        let Some(rest) = file.strip_prefix('.') else {
+            continue;
+        };
+        let rest = rest.strip_suffix(".old").unwrap_or(rest);
+        let Some((stem, pid)) = rest.rsplit_once(".tmp-") else {
+            continue;
+        };
+        let Ok(pid) = pid.parse::<u32>() else {
+            continue;
+        };
+        if name.is_some_and(|n| n != stem) || process_alive(pid) {
+            continue;
+        }
+        let path = entry.path();
+        let ok = if path.is_dir() {
+            std::fs::remove_dir_all(&path).is_ok()
+        } else {
+            std::fs::remove_file(&path).is_ok()
+        };
+        if ok {
+            removed.push(path);
+        }
+    }
+    removed
+}
+
+/// Whether a process with this id runs (conservatively true where it cannot be told).
+fn process_alive(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    #[cfg(unix)]
+    {
+        // SAFETY: signal 0 sends nothing; it only checks that the process exists.
+        let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
+        r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    }
+    #[cfg(not(unix))]
+    {
+        true
+    }
+}
+
+/// `a` and `b` name the same directory, or one lies inside the other (after resolving links and
+/// `..`; a path that does not exist yet is resolved through its nearest existing parent).
+pub fn paths_overlap(a: &Path, b: &Path) -> bool {
+    let (a, b) = (resolve(a), resolve(b));
+    a.starts_with(&b) || b.starts_with(&a)
+}
+
+/// `path` made absolute and canonical as far as it exists.
+pub fn resolve(path: &Path) -> PathBuf {
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(path)
+    };
+    let mut tail = Vec::new();
+    let mut cur = abs.as_path();
+    loop {
+        if let Ok(c) = cur.canonicalize() {
+            return tail.iter().rev().fold(c, |p, t| p.join(t));
+        }
+        match (cur.parent(), cur.file_name()) {
+            (Some(p), Some(n)) => {
+                tail.push(n.to_os_string());
+                cur = p;
+            }
+            _ => return abs,
+        }
+    }
 }

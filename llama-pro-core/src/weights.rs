@@ -365,6 +365,111 @@ impl Checkpoint {
             .join(", ")
     }
 
+    /// Check, from the headers only, that this checkpoint is a model of `config`: every tensor
+    /// the configuration implies is present in a float dtype with its shape, and nothing else is
+    /// (besides old RoPE buffers and the redundant `lm_head` of a tied model). The errors name
+    /// the tensors and files, as loading would, but nothing is read or allocated.
+    pub fn check_layout(&self, config: &crate::config::LlamaConfig) -> Result<()> {
+        let expected = config.tensor_shapes();
+        let missing: Vec<String> = expected
+            .iter()
+            .filter(|(n, _)| !self.index.contains_key(n))
+            .map(|(n, _)| n.clone())
+            .collect();
+        if !missing.is_empty() {
+            return Err(CoreError::MissingTensors {
+                names: missing,
+                files: self.file_list(),
+            });
+        }
+        for (name, shape) in &expected {
+            let (_, st_dtype, found) = self.raw(name)?;
+            if float_dtype(st_dtype).is_none() {
+                return Err(CoreError::UnsupportedDtype {
+                    path: self.file_of(name),
+                    name: name.clone(),
+                    dtype: format!("{st_dtype:?}"),
+                });
+            }
+            if found != shape.as_slice() {
+                return Err(CoreError::ShapeMismatch {
+                    path: self.file_of(name),
+                    name: name.clone(),
+                    found: found.to_vec(),
+                    expected: shape.clone(),
+                });
+            }
+        }
+        let known: BTreeSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+        let tied = config.tie_word_embeddings;
+        let unexpected: Vec<String> = self
+            .names()
+            .filter(|n| !known.contains(n))
+            .filter(|n| !(n.ends_with("rotary_emb.inv_freq") || (tied && *n == "lm_head.weight")))
+            .map(str::to_string)
+            .collect();
+        if let Some(first) = unexpected.first() {
+            return Err(CoreError::UnexpectedTensors {
+                path: self.file_of(first),
+                names: unexpected,
+            });
+        }
+        Ok(())
+    }
+
+    /// A fingerprint of the weights (SHA-256, hex): every tensor's name, dtype and shape and up
+    /// to 64 KiB of its bytes (16 evenly spaced 4 KiB samples; all of a smaller tensor). Two
+    /// different models differ in it with near certainty; it reads a few MB whatever the model's
+    /// size, so it does not prove that every byte is the same.
+    pub fn fingerprint(&self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for name in self.names() {
+            let (bytes, dtype, shape) = self.raw(name)?;
+            h.update(name.as_bytes());
+            h.update(format!("{dtype:?}{shape:?}").as_bytes());
+            const CHUNK: usize = 4096;
+            if bytes.len() <= 16 * CHUNK {
+                h.update(bytes);
+            } else {
+                let stride = (bytes.len() - CHUNK) / 15;
+                for k in 0..16 {
+                    h.update(&bytes[k * stride..k * stride + CHUNK]);
+                }
+            }
+        }
+        Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    /// An error naming the first tensor that holds NaN or infinite values, and how many tensors
+    /// do. Reads every tensor's bytes once (memory-mapped; no conversion).
+    pub fn check_finite(&self) -> Result<()> {
+        let mut bad = Vec::new();
+        for name in self.names() {
+            let (bytes, st_dtype, _) = self.raw(name)?;
+            if let Some(dtype) = float_dtype(st_dtype) {
+                let n = crate::save::count_non_finite(bytes, dtype);
+                if n > 0 {
+                    bad.push((name.to_string(), n));
+                }
+            }
+        }
+        match bad.first() {
+            None => Ok(()),
+            Some((name, n)) => Err(CoreError::NonFinite {
+                name: name.clone(),
+                message: format!(
+                    "{n} values are NaN or infinite in {}{}",
+                    self.file_of(name).display(),
+                    match bad.len() {
+                        1 => String::new(),
+                        k => format!(" ({k} tensors have such values)"),
+                    }
+                ),
+            }),
+        }
+    }
+
     /// Read a tensor into host f32 values, checking its shape.
     pub fn read_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
         let (bytes, dtype, shape) = self.raw(name)?;

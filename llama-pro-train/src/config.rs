@@ -312,8 +312,20 @@ pub struct TrainConfig {
     pub save_every: usize,
     /// Keep the last N checkpoints.
     pub keep: usize,
-    /// Continue a run from a checkpoint.
+    /// Continue a run from a checkpoint. The checkpoint's manifest must match this run (the
+    /// model, the data files' contents, the settings that decide the data and the parameters);
+    /// what changed is listed.
     pub resume: Option<Resume>,
+    /// With `resume`: accept the changes a resumed run can survive (more steps, another learning
+    /// rate, schedule, batch size, weight decay, clipping, dtype...), not those that change the
+    /// data or the model.
+    pub force: bool,
+    /// Start a fresh run in an output directory that holds an earlier run, removing that run's
+    /// checkpoints, metrics, report and model (without it, such a directory is refused).
+    pub overwrite: bool,
+    /// Check that every weight of the model is finite before training (reads the checkpoint
+    /// once).
+    pub check_finite: bool,
     /// Print a log line every N optimizer steps (0 = none; read by the command line's progress
     /// display, not by the trainer).
     pub log_every: usize,
@@ -367,6 +379,9 @@ impl Default for TrainConfig {
             save_every: 0,
             keep: 2,
             resume: None,
+            force: false,
+            overwrite: false,
+            check_finite: true,
             log_every: 10,
             seed: 0,
             device: DeviceSpec::Cpu,

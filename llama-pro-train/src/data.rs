@@ -187,6 +187,36 @@ pub fn existing(path: &Path) -> Result<PathBuf> {
     }
 }
 
+/// A file's size and SHA-256 (what a checkpoint records of its training data).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FileDigest {
+    /// Bytes.
+    pub bytes: u64,
+    /// SHA-256 of the contents, hex.
+    pub sha256: String,
+}
+
+/// The [`FileDigest`] of `path`, read in 1 MiB blocks.
+pub fn file_digest(path: &Path) -> Result<FileDigest> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let io = |e| TrainError::io(path, e);
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        bytes += n as u64;
+    }
+    let sha256 = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    Ok(FileDigest { bytes, sha256 })
+}
+
 /// Where tokenized data is cached: `$LLAMA_PRO_CACHE`, else `~/.cache/llama-pro/tokens`.
 pub fn default_cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("LLAMA_PRO_CACHE") {
@@ -213,16 +243,34 @@ pub fn read_documents_cached(
     cache_dir: &Path,
     observer: &mut dyn Observer,
 ) -> Result<Vec<Vec<u32>>> {
+    let digest = file_digest(path)?;
+    read_documents_cached_as(
+        path,
+        &digest,
+        tokenizer,
+        tokenizer_file,
+        vocab_size,
+        cache_dir,
+        observer,
+    )
+}
+
+/// [`read_documents_cached`] for a file whose digest is already known.
+pub(crate) fn read_documents_cached_as(
+    path: &Path,
+    digest: &FileDigest,
+    tokenizer: Option<&Tokenizer>,
+    tokenizer_file: Option<&Path>,
+    vocab_size: usize,
+    cache_dir: &Path,
+    observer: &mut dyn Observer,
+) -> Result<Vec<Vec<u32>>> {
     use sha2::{Digest, Sha256};
-    let io = |p: &Path, source| TrainError::Io {
-        path: p.to_path_buf(),
-        source,
-    };
     let mut h = Sha256::new();
     h.update(CACHE_MAGIC);
-    h.update(std::fs::read(path).map_err(|e| io(path, e))?);
+    h.update(digest.sha256.as_bytes());
     if let Some(t) = tokenizer_file {
-        h.update(std::fs::read(t).map_err(|e| io(t, e))?);
+        h.update(file_digest(t)?.sha256.as_bytes());
     }
     h.update((vocab_size as u64).to_le_bytes());
     let key: String = h

@@ -21,6 +21,8 @@ pub struct Source {
     pub path: PathBuf,
     /// Relative sampling weight.
     pub weight: f64,
+    /// Size and SHA-256 of the file.
+    pub digest: crate::data::FileDigest,
     /// Training examples (token ids, at most `seq_len` long).
     pub windows: Vec<Vec<u32>>,
 }
@@ -55,9 +57,11 @@ pub fn load_source(
     observer: &mut dyn Observer,
 ) -> Result<Source> {
     let path = existing(&source.path)?;
+    let digest = crate::data::file_digest(&path)?;
     let mut docs = match ctx.cache {
-        Some(dir) => crate::data::read_documents_cached(
+        Some(dir) => crate::data::read_documents_cached_as(
             &path,
+            &digest,
             ctx.tokenizer,
             ctx.tokenizer_file,
             ctx.vocab_size,
@@ -97,25 +101,34 @@ pub fn load_source(
     Ok(Source {
         path,
         weight: source.weight,
+        digest,
         windows,
     })
 }
 
-/// Move the last `fraction` of each source's windows (at least one, if the source has two or
-/// more) into a validation set, after a seeded shuffle.
-pub fn split_validation(sources: &mut [Source], fraction: f64, seed: u64) -> Vec<Vec<u32>> {
+/// Move `⌊fraction · n⌋` of each source's `n` windows into a validation set, after a seeded
+/// shuffle: a source too small to give one window (fewer than `1 / fraction`) keeps all of its
+/// windows for training. Returns the held-out windows and, per source, how many were taken.
+pub fn split_validation(
+    sources: &mut [Source],
+    fraction: f64,
+    seed: u64,
+) -> (Vec<Vec<u32>>, Vec<usize>) {
     let mut val = Vec::new();
+    let mut taken = Vec::new();
     for (i, s) in sources.iter_mut().enumerate() {
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (0xA5A5_0000 + i as u64));
         s.windows.shuffle(&mut rng);
         let n = s.windows.len();
-        if n < 2 || fraction <= 0.0 {
+        let k = (n as f64 * fraction.max(0.0)).floor() as usize;
+        if k == 0 || k >= n {
+            taken.push(0);
             continue;
         }
-        let k = ((n as f64 * fraction).round() as usize).clamp(1, n - 1);
         val.extend(s.windows.split_off(n - k));
+        taken.push(k);
     }
-    val
+    (val, taken)
 }
 
 /// Where the example stream is: restoring it restores the exact order.

@@ -80,6 +80,12 @@ pub fn evaluate<B: Backend>(
         ));
     }
     let loss = sum / count;
+    if !loss.is_finite() {
+        return Err(TrainError::Invalid(format!(
+            "the evaluation loss is {loss} over {count} tokens (not finite): the model's outputs \
+             overflow or its weights are not finite"
+        )));
+    }
     Ok(EvalResult {
         loss,
         perplexity: loss.exp(),

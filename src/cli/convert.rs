@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use anyhow::bail;
 use clap::Args;
 use llama_pro::core::save::{SaveOptions, save_pretrained};
 use llama_pro::core::weights::Checkpoint;
@@ -25,7 +26,8 @@ pub struct ConvertArgs {
     /// Shard the weights above this size, e.g. 5GB, 500MB, 200KB.
     #[arg(long, default_value = "5GB", value_parser = parse_size)]
     pub max_shard_size: usize,
-    /// Replace the output directory if it exists.
+    /// Replace the output directory if it exists (never the input: the output may not be the
+    /// model directory, nor lie inside it).
     #[arg(long)]
     pub overwrite: bool,
 }
@@ -40,6 +42,13 @@ type Host = llama_pro::core::burn::backend::Cuda;
 
 pub fn run(a: &ConvertArgs) -> anyhow::Result<()> {
     let dir = existing(&a.model)?;
+    if llama_pro::core::save::paths_overlap(&dir, &a.output) {
+        bail!(
+            "--output {} is the input model {} or inside it (or contains it): convert into another directory",
+            a.output.display(),
+            dir.display()
+        );
+    }
     let hf = HfConfig::from_path(&dir)?;
     let device = Default::default();
     // Load in f32: exact for every input dtype, so re-saving in the input dtype is bitwise.

@@ -30,6 +30,10 @@ pub struct EvalArgs {
     /// Print one JSON object {loss, perplexity, tokens, sequences}.
     #[arg(long)]
     pub json: bool,
+    /// Skip the check that every weight is finite (on by default: a NaN weight is an error
+    /// naming the tensor instead of a NaN loss).
+    #[arg(long)]
+    pub no_check_finite: bool,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub compute: ComputeArgs,
@@ -50,6 +54,9 @@ impl OnBackend for EvalTask<'_> {
         let dtype: DType = a.compute.dtype;
         let dir = existing(&a.model)?;
         let data = existing(&a.data)?;
+        if !a.no_check_finite {
+            llama_pro::core::weights::Checkpoint::open(&dir)?.check_finite()?;
+        }
         let (model, hf) = LlamaForCausalLM::<B>::from_pretrained(&dir, &device, Some(dtype))?;
         let tok = load_tokenizer(&dir, &hf)?;
         let seqs = read_sequences(&data, tok.as_ref(), hf.config.vocab_size, a.max_seq_len)?;

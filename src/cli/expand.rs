@@ -4,9 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::bail;
 use clap::Args;
-use llama_pro::core::HfConfig;
-use llama_pro::core::device::{DeviceSpec, verify_identity_on};
-use llama_pro::core::expand::{CONFIG_KEY, ExpansionPlan, expand_checkpoint};
+use llama_pro::core::device::{DeviceSpec, check_device, verify_identity_on};
+use llama_pro::core::expand::{CONFIG_KEY, ExpansionPlan, expand_checkpoint_checked};
+use llama_pro::core::{CoreError, HfConfig};
 use llama_pro::core::save::SaveOptions;
 use llama_pro::train::data::existing;
 
@@ -39,8 +39,9 @@ pub struct ExpandArgs {
     /// expanded model (e.g. 3@4,7@9).
     #[arg(long, value_name = "LIST")]
     pub positions: Option<String>,
-    /// Compare the logits of the expanded and original models after writing: auto (models up to
-    /// 1.5B parameters), always or never.
+    /// Compare the logits of the expanded and original models before the output is moved into
+    /// place (a failed check leaves no output): auto (models up to 1.5B parameters), always or
+    /// never. The input's tensors are checked against its config.json in every case.
     #[arg(long, default_value = "auto", value_parser = ["auto", "always", "never"])]
     pub identity_check: String,
     /// Device for the identity check.
@@ -75,8 +76,32 @@ pub fn run(a: &ExpandArgs) -> anyhow::Result<()> {
         max_shard_bytes: a.max_shard_size,
         overwrite: a.overwrite,
     };
+    let params = HfConfig::from_path(&src)?.config.num_params();
+    let check = match a.identity_check.as_str() {
+        "always" => true,
+        "never" => false,
+        _ => params <= 1_500_000_000,
+    };
+    if check {
+        // The device must work before anything is written.
+        check_device(a.device)?;
+    }
     let start = std::time::Instant::now();
-    let report = expand_checkpoint(&src, &a.output, &plan, &opts)?;
+    let mut delta = None;
+    let mut identity = |tmp: &std::path::Path| -> llama_pro::core::Result<()> {
+        if !check {
+            return Ok(());
+        }
+        let d = verify_identity_on(a.device, &src, tmp)?;
+        delta = Some(d);
+        if d != 0.0 {
+            return Err(CoreError::Invalid(format!(
+                "identity check failed: the expanded model's logits differ from the original's by {d}; nothing was written"
+            )));
+        }
+        Ok(())
+    };
+    let report = expand_checkpoint_checked(&src, &a.output, &plan, &opts, &mut identity)?;
     println!(
         "expanded {} -> {} layers ({plan}) in {:.2}s, {} of weights written to {}",
         report.from_layers,
@@ -91,20 +116,8 @@ pub fn run(a: &ExpandArgs) -> anyhow::Result<()> {
         "new layers {:?} (recorded in config.json under \"{CONFIG_KEY}\")",
         report.map.new_layers(),
     );
-    let params = HfConfig::from_path(&src)?.config.num_params();
-    let run = match a.identity_check.as_str() {
-        "always" => true,
-        "never" => false,
-        _ => params <= 1_500_000_000,
-    };
-    if run {
-        let d = verify_identity_on(a.device, &src, &a.output)?;
+    if let Some(d) = delta {
         println!("identity check: max |Δlogits| = {d}");
-        if d != 0.0 {
-            bail!(
-                "identity check failed: the expanded model's logits differ from the original's by {d}"
-            );
-        }
     } else {
         println!(
             "identity check: skipped ({} parameters; pass --identity-check always to run it)",

@@ -44,6 +44,10 @@ pub struct GenerateArgs {
     /// result; a fallback should a backend's single-position kernels misbehave).
     #[arg(long)]
     pub no_kv_cache: bool,
+    /// Check that every weight is finite before generating (reads the whole checkpoint once;
+    /// non-finite logits stop generation with an error in any case).
+    #[arg(long)]
+    pub check_finite: bool,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub compute: ComputeArgs,
@@ -62,6 +66,9 @@ impl OnBackend for GenerateTask<'_> {
     fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
         let a = self.args;
         let dir = existing(&a.model)?;
+        if a.check_finite {
+            llama_pro::core::weights::Checkpoint::open(&dir)?.check_finite()?;
+        }
         let (model, hf) =
             LlamaForCausalLM::<B>::from_pretrained(&dir, &device, Some(a.compute.dtype))?;
         let tok = load_tokenizer(&dir, &hf)?.ok_or_else(|| {

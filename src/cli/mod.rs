@@ -60,24 +60,27 @@ pub enum Command {
     TrainTokenizer(tokenizer::TrainTokenizerArgs),
 }
 
-/// Run the command line.
-pub fn run(cli: Cli) -> anyhow::Result<()> {
+/// Run the command line. The exit status is 0, or 130 for a run stopped by Ctrl-C or SIGTERM
+/// (after its checkpoint); errors exit with 1.
+pub fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     match cli.command {
         Command::Inspect(a) => inspect::run(&a),
         Command::Eval(a) => eval::run(&a),
         Command::Generate(a) => generate::run(&a),
         Command::Convert(a) => convert::run(&a),
         Command::Expand(a) => expand::run(&a),
-        Command::Train(a) => train::run(&a),
+        Command::Train(a) => return train::run(&a),
         Command::Demo(a) => demo::run(&a),
         Command::TrainTokenizer(a) => tokenizer::run(&a),
-    }
+    }?;
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 /// Options shared by commands that compute.
 #[derive(Args, Debug, Clone)]
 pub struct ComputeArgs {
-    /// Device: cpu, wgpu, wgpu:N (N-th discrete GPU) or cuda[:N].
+    /// Device: cpu, wgpu (the best adapter: discrete, integrated, virtual, then a CPU one such
+    /// as Mesa's lavapipe), wgpu:N (the N-th of that kind) or cuda[:N].
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
     /// Dtype the weights are loaded into and activations computed in.

@@ -2,6 +2,7 @@
 //! on the chosen backend, the summary.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::Args;
@@ -127,9 +128,22 @@ pub struct TrainArgs {
     /// Keep the last N checkpoints (default 2).
     #[arg(long)]
     pub keep: Option<usize>,
-    /// Resume from `latest` (the newest checkpoint in OUTPUT) or a checkpoint directory.
+    /// Resume from `latest` (the newest readable checkpoint in OUTPUT) or a checkpoint
+    /// directory. The checkpoint must come from the same run: same model, same data files
+    /// (contents), same settings; what changed is listed.
     #[arg(long, num_args = 0..=1, default_missing_value = "latest")]
     pub resume: Option<Resume>,
+    /// With --resume: accept the changes a resumed run survives (more steps, learning rate,
+    /// schedule, batch size, weight decay, clipping, dtype), not those of the model or data.
+    #[arg(long, requires = "resume")]
+    pub force: bool,
+    /// Start afresh in an OUTPUT that holds an earlier run, removing its checkpoints, metrics,
+    /// report and model (without it, such a directory is refused).
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
+    /// Skip the check that every weight of the model is finite before training.
+    #[arg(long)]
+    pub no_check_finite: bool,
     /// Log a line every N steps (default 10).
     #[arg(long)]
     pub log_every: Option<usize>,
@@ -200,27 +214,30 @@ impl TrainArgs {
         c.activation_checkpointing |= self.activation_checkpointing;
         c.packing &= !self.no_packing;
         c.token_cache &= !self.no_token_cache;
+        c.check_finite &= !self.no_check_finite;
+        c.force |= self.force;
+        c.overwrite |= self.overwrite;
         Ok(c)
     }
 }
 
-pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
+pub fn run(a: &TrainArgs) -> anyhow::Result<ExitCode> {
     let cfg = a.resolve()?;
     cfg.validate()?;
-    std::fs::create_dir_all(&cfg.output)
-        .map_err(|e| llama_pro::train::TrainError::io(&cfg.output, e))?;
-    // The resolved configuration, saved next to the results.
+    // The resolved configuration; the run saves it as OUTPUT/train.toml once everything is
+    // checked and it owns the directory.
     let resolved = cfg.to_toml()?;
     let path = cfg.output.join("train.toml");
-    std::fs::write(&path, &resolved).map_err(|e| llama_pro::train::TrainError::io(&path, e))?;
-    eprintln!("configuration (saved to {}):\n{resolved}", path.display());
+    eprintln!("configuration (saved to {} when the run starts):\n{resolved}", path.display());
+    // Ctrl-C, SIGTERM (schedulers, `docker stop`, `timeout`) and SIGHUP: finish the step, write a
+    // checkpoint, exit 130; a second signal exits at once.
     let stop: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
     let _ = ctrlc::set_handler(move || {
         if stop.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
         eprintln!(
-            "\ninterrupt: finishing the current step and writing a checkpoint (Ctrl-C again to quit now)"
+            "\ninterrupt: finishing the current step and writing a checkpoint (interrupt again to quit now)"
         );
     });
     let report = dispatch_autodiff_with(
@@ -235,6 +252,11 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
             path.display()
         );
     }
+    let code = if report.interrupted {
+        ExitCode::from(130)
+    } else {
+        ExitCode::SUCCESS
+    };
     println!(
         "{} steps, {:.0} tokens/s, {} of {} parameters trained{}",
         report.steps,
@@ -262,7 +284,7 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
             achieved / 1e9
         ),
     }
-    Ok(())
+    Ok(code)
 }
 
 struct TrainTask<'a> {

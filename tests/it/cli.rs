@@ -18,7 +18,7 @@ pub fn run_ok(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-fn run_err(args: &[&str]) -> String {
+pub fn run_err(args: &[&str]) -> String {
     let out = bin().args(args).output().unwrap();
     assert!(
         !out.status.success(),

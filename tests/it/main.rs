@@ -12,4 +12,5 @@ mod generation;
 mod io;
 mod kernels;
 pub mod parity;
+mod reliability;
 mod training;

@@ -1,11 +1,12 @@
-//! Checkpoints (the trainable weights, both optimizers' state, the data position and the run's
-//! state, written to a temporary directory and renamed), exact resume, and the final export.
+//! Checkpoints (the trainable weights, both optimizers' state, the data position, the run's
+//! manifest and history, written to a temporary directory, synced and renamed), resume with a
+//! compatibility check, and the final export.
 //!
 //! Layout of `OUTPUT/checkpoints/step-N/`: `model.safetensors` (trainable tensors, f32, HF names),
 //! `optimizer-decay.bin` and `optimizer-plain.bin` (burn's AdamW records under ids derived from
 //! the parameter names, since burn's `ParamId`s are new random numbers each time a model is
-//! loaded), `state.json` (step, data cursor, the evaluation before training, the configuration,
-//! the trainable names).
+//! loaded), `state.json` (step, data cursor, configuration, trainable names, the manifest that
+//! identifies the run's model and data, the loss and evaluation history).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -18,20 +19,56 @@ use burn::tensor::{Tensor, TensorData};
 use llama_pro_core::burn;
 use llama_pro_core::params::{NamedMapper, map_named};
 use llama_pro_core::save::{
-    OwnedTensor, SaveOptions, begin_atomic_dir, commit_atomic_dir, save_pretrained, write_json,
-    write_weights,
+    OwnedTensor, SaveOptions, begin_atomic_dir, commit_atomic_dir, save_pretrained,
+    write_file_atomic, write_json, write_weights,
 };
 use llama_pro_core::weights::Checkpoint;
 use llama_pro_core::{DType, LlamaForCausalLM};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Resume, TrainConfig};
+use crate::data::FileDigest;
 use crate::dataset::DataCursor;
 use crate::error::{Result, TrainError};
 use crate::eval::EvalResult;
 
+use super::rundir::RunDir;
 use super::setup::OptRecord;
-use super::{TrainReport, Trainer, report};
+use super::{EvalPoint, TrainReport, Trainer, report};
+
+/// What identifies a run: a checkpoint may only be resumed by a run with the same model and data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Shared by every checkpoint of a run (resumes keep it); pruning touches only these.
+    pub run_id: String,
+    /// SHA-256 of the configuration as written in `state.json` (a record; the comparison on
+    /// resume is key by key).
+    pub config_sha256: String,
+    /// The starting weights' fingerprint (see `ModelInfo::fingerprint`).
+    pub model: String,
+    /// The training files, in order, with their mixture weights and digests.
+    pub data: Vec<DataEntry>,
+}
+
+/// One training file of a [`Manifest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataEntry {
+    /// As given.
+    pub path: PathBuf,
+    /// Mixture weight.
+    pub weight: f64,
+    /// Size and SHA-256.
+    pub digest: FileDigest,
+}
+
+/// The loss and evaluation history up to a checkpoint (so a resumed run reports the whole run).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct History {
+    losses: Vec<f64>,
+    evals: Vec<EvalPoint>,
+    tokens: usize,
+    seconds: f64,
+}
 
 /// State saved next to the weights in a checkpoint.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -41,9 +78,26 @@ struct RunState {
     eval_before: BTreeMap<String, EvalResult>,
     config: TrainConfig,
     trainable_names: Vec<String>,
+    /// Absent in checkpoints of llama-pro before the manifest existed.
+    #[serde(default)]
+    manifest: Option<Manifest>,
+    #[serde(default)]
+    history: History,
+    /// When written (milliseconds since 1970): the newest checkpoint is the one to continue, even
+    /// when an earlier one was resumed and the run branched.
+    #[serde(default)]
+    saved_at: u64,
 }
 
 const OPTIMIZER_FILES: [&str; 2] = ["optimizer-decay", "optimizer-plain"];
+
+/// A checkpoint read from disk, not yet applied.
+struct Loaded<B: AutodiffBackend> {
+    dir: PathBuf,
+    state: RunState,
+    weights: Checkpoint,
+    records: [OptRecord<B>; 2],
+}
 
 impl<B: AutodiffBackend> Trainer<B> {
     /// The checkpoint directory of this run.
@@ -51,9 +105,32 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.config.output.join("checkpoints")
     }
 
+    /// Take the output directory for this run (once; [`Trainer::save`] and [`Trainer::export`]
+    /// call it): lock it against other processes, remove the temporary files of interrupted
+    /// writes, refuse (or with `overwrite` remove) an earlier run in a fresh run's directory, and
+    /// write the configuration to `train.toml`. Returns what it removed.
+    pub fn claim_output(&mut self) -> Result<Vec<PathBuf>> {
+        if self.run_dir.is_some() {
+            return Ok(Vec::new());
+        }
+        let out = &self.config.output;
+        // A resumed run continues in the directory of its checkpoint; resuming a checkpoint from
+        // elsewhere starts this directory afresh.
+        let fresh = match &self.resumed {
+            Some((dir, _)) => !dir.starts_with(out),
+            None => true,
+        };
+        let (dir, removed) = RunDir::claim(out, fresh, self.config.overwrite)?;
+        write_file_atomic(&out.join("train.toml"), self.config.to_toml()?.as_bytes())?;
+        self.run_dir = Some(dir);
+        Ok(removed)
+    }
+
     /// Write a checkpoint of the current step to `OUTPUT/checkpoints/step-N` (a temporary
-    /// directory renamed into place) and keep the newest `keep` checkpoints. Returns its path.
+    /// directory, synced, renamed into place) and keep the `keep` newest checkpoints of this run
+    /// (other runs' checkpoints are left alone). Returns its path.
     pub fn save(&mut self) -> Result<PathBuf> {
+        self.claim_output()?;
         let root = self.checkpoints();
         std::fs::create_dir_all(&root).map_err(|e| TrainError::io(&root, e))?;
         let out = root.join(format!("step-{}", self.step));
@@ -93,42 +170,82 @@ impl<B: AutodiffBackend> Trainer<B> {
             eval_before: self.eval_before.clone(),
             config: self.config.clone(),
             trainable_names: trainable.clone(),
+            manifest: Some(self.manifest.clone()),
+            history: History {
+                losses: self.losses.clone(),
+                evals: self.evals.clone(),
+                tokens: self.tokens,
+                seconds: self.seconds(),
+            },
+            saved_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
         };
         write_json(&tmp.join("state.json"), &to_json(&state)?)?;
         commit_atomic_dir(&tmp, &out)?;
-        // Keep the newest `keep` checkpoints.
-        let mut all = list_checkpoints(&root);
-        all.sort();
-        while all.len() > self.config.keep {
-            let (_, p) = all.remove(0);
-            let _ = std::fs::remove_dir_all(p);
+        self.last_checkpoint = Some(out.clone());
+        // Keep this run's `keep` newest checkpoints.
+        let mut ours: Vec<Listed> = list_checkpoints(&root)
+            .into_iter()
+            .filter(|c| c.run_id.as_deref() == Some(self.manifest.run_id.as_str()))
+            .collect();
+        ours.sort_by_key(|c| (c.saved_at, c.step));
+        while ours.len() > self.config.keep {
+            let c = ours.remove(0);
+            if c.dir != out {
+                let _ = std::fs::remove_dir_all(&c.dir);
+            }
         }
         Ok(out)
     }
 
-    /// Continue from a checkpoint: trainable weights, optimizer state, data position, step.
+    /// Continue from a checkpoint: trainable weights, optimizer state, data position, step and
+    /// history. `latest` takes the newest checkpoint that can be read, passing over unreadable
+    /// ones (noted); a checkpoint of a different run (model, data, settings) is refused with what
+    /// changed, or with `force` accepted where a resumed run can survive the change.
     pub(super) fn resume(&mut self, from: &Resume) -> Result<()> {
         let root = self.checkpoints();
-        let dir = match from {
-            Resume::Latest => latest_checkpoint(&root)?.ok_or_else(|| {
-                TrainError::setting(
-                    "resume",
-                    format!("latest: no checkpoint in {}", root.display()),
-                )
-            })?,
-            Resume::From(dir) => dir.clone(),
+        let candidates: Vec<PathBuf> = match from {
+            Resume::Latest => {
+                let mut all = list_checkpoints(&root);
+                all.sort_by_key(|c| std::cmp::Reverse((c.saved_at, c.step)));
+                all.into_iter().map(|c| c.dir).collect()
+            }
+            Resume::From(dir) => vec![dir.clone()],
         };
-        let state: RunState = read_json(&dir.join("state.json"))?;
-        if state.trainable_names != self.info.summary.trainable_names {
-            return Err(TrainError::Invalid(format!(
-                "{}: the checkpoint trained other parameters than this run's selection ({})",
-                dir.display(),
-                self.info.selection
-            )));
+        if candidates.is_empty() {
+            return Err(TrainError::setting(
+                "resume",
+                format!("latest: no checkpoint in {}", root.display()),
+            ));
         }
-        // Called by `Trainer::new` only: on an error the trainer is dropped with its model.
+        let mut unreadable = Vec::new();
+        let loaded = candidates.iter().find_map(|dir| match self.read_checkpoint(dir) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                unreadable.push(format!("{}: {e}", dir.display()));
+                None
+            }
+        });
+        let Some(loaded) = loaded else {
+            return Err(TrainError::setting(
+                "resume",
+                format!("no readable checkpoint: {}", unreadable.join("; ")),
+            ));
+        };
+        for u in unreadable {
+            self.notes
+                .push(format!("skipped an unreadable checkpoint: {u}"));
+        }
+        self.check_compatible(&loaded)?;
+        let Loaded {
+            dir,
+            state,
+            weights,
+            records,
+        } = loaded;
         let model = match self.model.take() {
-            Some(m) => load_trainable(m, &Checkpoint::open(&dir)?, &self.device)?,
+            Some(m) => load_trainable(m, &weights, &self.device)?,
             None => unreachable!("the model is only taken inside an optimizer step"),
         };
         let by_stable: HashMap<ParamId, ParamId> = model
@@ -137,18 +254,10 @@ impl<B: AutodiffBackend> Trainer<B> {
             .map(|p| (stable_id(&p.name), p.id))
             .collect();
         self.model = Some(model);
-        let recorder = BinFileRecorder::<FullPrecisionSettings>::new();
-        for (file, opt) in OPTIMIZER_FILES
-            .iter()
-            .zip([&mut self.optim.decay, &mut self.optim.plain])
+        for (opt, rec) in [&mut self.optim.decay, &mut self.optim.plain]
+            .into_iter()
+            .zip(records)
         {
-            let path = dir.join(file);
-            let rec: OptRecord<B> = recorder.load(path.clone(), &self.device).map_err(|e| {
-                TrainError::Invalid(format!(
-                    "{}: cannot read optimizer state: {e}",
-                    path.display()
-                ))
-            })?;
             let rec = rec
                 .into_iter()
                 .filter_map(|(k, v)| by_stable.get(&k).map(|id| (*id, v)))
@@ -158,7 +267,109 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.data.stream.restore(state.cursor)?;
         self.step = state.step;
         self.eval_before = state.eval_before;
+        if let Some(m) = state.manifest {
+            self.manifest.run_id = m.run_id;
+        }
+        self.losses = state.history.losses;
+        self.evals = state.history.evals;
+        self.tokens = state.history.tokens;
+        self.seconds_before = state.history.seconds;
+        self.last_checkpoint = Some(dir.clone());
         self.resumed = Some((dir, state.step));
+        Ok(())
+    }
+
+    /// Read a checkpoint's state, weights' headers and optimizer records without applying them.
+    fn read_checkpoint(&self, dir: &Path) -> Result<Loaded<B>> {
+        let state: RunState = read_json(&dir.join("state.json"))?;
+        let weights = Checkpoint::open(dir)?;
+        // Names and shapes against the model, so that applying them cannot fail half-way.
+        let shapes: HashMap<String, Vec<usize>> = self
+            .model()
+            .named_parameters()
+            .into_iter()
+            .map(|p| (p.name, p.shape))
+            .collect();
+        for name in weights.names() {
+            let found = weights.meta(name).map(|m| m.shape);
+            if found.as_ref() != shapes.get(name) {
+                return Err(TrainError::Invalid(format!(
+                    "{}: tensor {name:?} has shape {found:?}, the model's is {:?}",
+                    dir.display(),
+                    shapes.get(name)
+                )));
+            }
+        }
+        let recorder = BinFileRecorder::<FullPrecisionSettings>::new();
+        let read = |file: &str| -> Result<OptRecord<B>> {
+            let path = dir.join(file);
+            recorder.load(path.clone(), &self.device).map_err(|e| {
+                TrainError::Invalid(format!(
+                    "{}: cannot read optimizer state: {e}",
+                    path.display()
+                ))
+            })
+        };
+        let records = [read(OPTIMIZER_FILES[0])?, read(OPTIMIZER_FILES[1])?];
+        Ok(Loaded {
+            dir: dir.to_path_buf(),
+            state,
+            weights,
+            records,
+        })
+    }
+
+    /// Refuse a checkpoint written by a different run; list what differs.
+    fn check_compatible(&mut self, loaded: &Loaded<B>) -> Result<()> {
+        let (state, dir) = (&loaded.state, &loaded.dir);
+        if state.step > self.total_steps() {
+            return Err(TrainError::setting(
+                "resume",
+                format!(
+                    "{} is at step {}, past the end of this run ({} steps): give more steps \
+                     (max_steps) to continue it",
+                    dir.display(),
+                    state.step,
+                    self.total_steps()
+                ),
+            ));
+        }
+        let trainable = &self.info.summary.trainable_names;
+        let changes = changes(state, &self.config, &self.manifest, trainable)?;
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let refused = changes.iter().any(|c| !(c.forceable && self.config.force));
+        let lines: Vec<String> = changes
+            .iter()
+            .map(|c| {
+                format!(
+                    "  - {} ({})",
+                    c.what,
+                    if c.forceable {
+                        "accepted with force"
+                    } else {
+                        "cannot be resumed"
+                    }
+                )
+            })
+            .collect();
+        if refused {
+            return Err(TrainError::setting(
+                "resume",
+                format!(
+                    "{} (step {}) was written by a different run; what changed:\n{}",
+                    dir.display(),
+                    state.step,
+                    lines.join("\n")
+                ),
+            ));
+        }
+        self.notes.push(format!(
+            "resuming {} with changes accepted by force:\n{}",
+            dir.display(),
+            lines.join("\n")
+        ));
         Ok(())
     }
 
@@ -166,7 +377,8 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// mixed precision exports in the compute dtype, as the base usually is), `report.json` and the
     /// model's README. Call after the last step (and [`Trainer::evaluate`], for the "after" of the
     /// report); [`Trainer::finish`] does all three.
-    pub fn export(self) -> Result<TrainReport> {
+    pub fn export(mut self) -> Result<TrainReport> {
+        self.claim_output()?;
         let mut report = self.report(false);
         if let Some((_, r)) = self.latest_eval.as_ref().filter(|(s, _)| *s == self.step) {
             report.eval_after = r.clone();
@@ -185,11 +397,145 @@ impl<B: AutodiffBackend> Trainer<B> {
             },
         )?;
         report.model_dir = Some(out.clone());
-        write_json(&self.config.output.join("report.json"), &to_json(&report)?)?;
+        let json = serde_json::to_string_pretty(&report)
+            .map_err(|e| TrainError::Invalid(format!("serializing the report: {e}")))?;
+        write_file_atomic(&self.config.output.join("report.json"), json.as_bytes())?;
         let selection = self.info.selection.to_string();
         report::write_run_readme(&out, &self.config, &selection, &report)?;
         Ok(report)
     }
+}
+
+/// A difference between the run that wrote a checkpoint and the run that resumes it.
+struct Change {
+    what: String,
+    forceable: bool,
+}
+
+/// Settings that decide which windows the data stream yields or which parameters exist: a
+/// resumed run with another value would not continue the same run.
+const NEVER: &[&str] = &[
+    "method",
+    "random_init",
+    "lora_rank",
+    "lora_alpha",
+    "lora_targets",
+    "trainable",
+    "seq_len",
+    "packing",
+    "seed",
+    "val_fraction",
+];
+
+/// Settings a resumed run survives (the optimizer state and data position stay meaningful), but
+/// that make it differ from an uninterrupted run: accepted with `force`.
+const WITH_FORCE: &[&str] = &[
+    "max_steps",
+    "epochs",
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "lr_schedule",
+    "warmup_ratio",
+    "min_lr",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_eps",
+    "clip_grad_norm",
+    "lr_scale",
+    "dtype",
+];
+
+fn changes(
+    state: &RunState,
+    config: &TrainConfig,
+    manifest: &Manifest,
+    trainable: &[String],
+) -> Result<Vec<Change>> {
+    let mut out = Vec::new();
+    let never = |what: String| Change {
+        what,
+        forceable: false,
+    };
+    if state.trainable_names != trainable {
+        out.push(never(format!(
+            "the trainable parameters: {} in the checkpoint, {} now",
+            state.trainable_names.len(),
+            trainable.len()
+        )));
+    }
+    let (old_cfg, new_cfg) = (to_json(&state.config)?, to_json(config)?);
+    let show = |v: Option<&serde_json::Value>| v.map_or("(unset)".to_string(), |v| v.to_string());
+    for key in NEVER.iter().chain(WITH_FORCE) {
+        let (a, b) = (old_cfg.get(key), new_cfg.get(key));
+        if a == b {
+            continue;
+        }
+        let wd = |v: Option<&serde_json::Value>| v.and_then(|v| v.as_f64()).unwrap_or(0.0) > 0.0;
+        // Weight decay on or off moves parameters between the two optimizers (and their state).
+        let forceable =
+            WITH_FORCE.contains(key) && !(*key == "weight_decay" && wd(a) != wd(b));
+        out.push(Change {
+            what: format!("{key}: {} -> {}", show(a), show(b)),
+            forceable,
+        });
+    }
+    match &state.manifest {
+        Some(m) => {
+            if m.model != manifest.model {
+                out.push(never(format!(
+                    "the model: {} is not the model the checkpoint trained (fingerprint {} -> {})",
+                    config.model.display(),
+                    short(&m.model),
+                    short(&manifest.model)
+                )));
+            }
+            if m.data.len() != manifest.data.len() {
+                out.push(never(format!(
+                    "the data: {} files -> {}",
+                    m.data.len(),
+                    manifest.data.len()
+                )));
+            }
+            for (i, (a, b)) in m.data.iter().zip(&manifest.data).enumerate() {
+                if a.digest != b.digest {
+                    out.push(never(format!(
+                        "data file {i} ({}): its contents differ ({} bytes, sha256 {} -> {} bytes, sha256 {})",
+                        b.path.display(),
+                        a.digest.bytes,
+                        short(&a.digest.sha256),
+                        b.digest.bytes,
+                        short(&b.digest.sha256)
+                    )));
+                }
+                if a.weight != b.weight {
+                    out.push(Change {
+                        what: format!(
+                            "data file {i} ({}): weight {} -> {}",
+                            b.path.display(),
+                            a.weight,
+                            b.weight
+                        ),
+                        forceable: true,
+                    });
+                }
+            }
+        }
+        // A checkpoint from before manifests: the files as named.
+        None => {
+            let (a, b) = (old_cfg.get("data"), new_cfg.get("data"));
+            if a != b {
+                out.push(never(format!("data: {} -> {}", show(a), show(b))));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn short(s: &str) -> &str {
+    let tail = s.rsplit(':').next().unwrap_or(s);
+    &tail[..tail.len().min(12)]
 }
 
 /// Stable id of a parameter across runs (FNV-1a of its HF name): optimizer state is saved under
@@ -263,24 +609,59 @@ fn load_trainable<B: AutodiffBackend>(
     Ok(model)
 }
 
-/// Checkpoints under `root` as (step, directory); those without `state.json` (not committed) are
-/// left out.
-fn list_checkpoints(root: &Path) -> Vec<(usize, PathBuf)> {
+/// A checkpoint under `checkpoints/` (committed: it has `state.json`).
+struct Listed {
+    dir: PathBuf,
+    step: usize,
+    run_id: Option<String>,
+    saved_at: u64,
+}
+
+/// Checkpoints under `root`, with what their `state.json` says of the run (`run_id` `None` when
+/// it cannot be read or predates manifests).
+fn list_checkpoints(root: &Path) -> Vec<Listed> {
+    #[derive(Deserialize)]
+    struct Head {
+        #[serde(default)]
+        manifest: Option<IdOnly>,
+        #[serde(default)]
+        saved_at: u64,
+    }
+    #[derive(Deserialize)]
+    struct IdOnly {
+        run_id: String,
+    }
     let Ok(rd) = std::fs::read_dir(root) else {
         return Vec::new();
     };
     rd.flatten()
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().to_string();
-            let n = name.strip_prefix("step-")?.parse::<usize>().ok()?;
-            e.path().join("state.json").exists().then(|| (n, e.path()))
+            let step = name.strip_prefix("step-")?.parse::<usize>().ok()?;
+            let state = e.path().join("state.json");
+            if !state.exists() {
+                return None;
+            }
+            let head: Option<Head> = std::fs::read_to_string(&state)
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok());
+            Some(Listed {
+                dir: e.path(),
+                step,
+                run_id: head.as_ref().and_then(|h| h.manifest.as_ref().map(|m| m.run_id.clone())),
+                saved_at: head.map_or(0, |h| h.saved_at),
+            })
         })
         .collect()
 }
 
-/// The checkpoint with the highest step under `root`.
+/// The checkpoint to continue under `root`: the most recently written one (by its `state.json`),
+/// the highest step among equals.
 pub fn latest_checkpoint(root: &Path) -> Result<Option<PathBuf>> {
-    Ok(list_checkpoints(root).into_iter().max().map(|(_, p)| p))
+    Ok(list_checkpoints(root)
+        .into_iter()
+        .max_by_key(|c| (c.saved_at, c.step))
+        .map(|c| c.dir))
 }
 
 fn to_json(v: &impl Serialize) -> Result<serde_json::Value> {

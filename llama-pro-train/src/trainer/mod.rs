@@ -48,10 +48,12 @@ mod checkpoint;
 mod evaluate;
 mod observer;
 mod report;
+mod rundir;
 mod setup;
 mod step;
 
-pub use checkpoint::latest_checkpoint;
+pub use checkpoint::{DataEntry, Manifest, latest_checkpoint};
+pub use rundir::{LOCK_FILE, RUN_FILES, RunDir};
 pub use observer::{Event, Observer, Observers, silent};
 pub use report::{EvalPoint, MetricsLog, StepMetrics, TrainReport, forgetting_table};
 #[cfg(feature = "plot")]
@@ -83,8 +85,18 @@ pub struct Trainer<B: AutodiffBackend> {
     tokens: usize,
     /// From the start of the first step of this process to the end of the latest one.
     clock: Option<(Instant, Duration)>,
+    /// Training seconds of the run before the checkpoint it resumed.
+    seconds_before: f64,
     flops_per_token: f64,
     peak_flops: Option<(f64, String)>,
+    /// What identifies this run (model, data, settings).
+    manifest: Manifest,
+    /// The output directory, once claimed.
+    run_dir: Option<RunDir>,
+    /// The newest checkpoint this run wrote or resumed.
+    last_checkpoint: Option<PathBuf>,
+    /// Things set-up wants the user to know (checkpoints passed over, changes accepted).
+    notes: Vec<String>,
 }
 
 impl<B: AutodiffBackend> Trainer<B> {
@@ -107,6 +119,41 @@ impl<B: AutodiffBackend> Trainer<B> {
             kind: config.lr_schedule,
         };
         let TrainModel { model, info } = model;
+        // The model may not live where this run writes.
+        let out = llama_pro_core::save::resolve(&config.output);
+        let model_dir = llama_pro_core::save::resolve(&info.dir);
+        if ["model", "checkpoints"]
+            .iter()
+            .any(|d| model_dir.starts_with(out.join(d)))
+        {
+            return Err(TrainError::setting(
+                "output",
+                format!(
+                    "{}: the model {} lies in what this run writes (model/, checkpoints/); \
+                     train into another output directory",
+                    config.output.display(),
+                    info.dir.display()
+                ),
+            ));
+        }
+        if config.resume.is_none() && !config.overwrite {
+            RunDir::refuse_fresh(&config.output)?;
+        }
+        let manifest = Manifest {
+            run_id: new_run_id(),
+            config_sha256: sha256_hex(config.to_toml()?.as_bytes()),
+            model: info.fingerprint.clone(),
+            data: data
+                .stream
+                .sources()
+                .iter()
+                .map(|s| DataEntry {
+                    path: s.path.clone(),
+                    weight: s.weight,
+                    digest: s.digest.clone(),
+                })
+                .collect(),
+        };
         let groups = setup::parameter_groups(&config, &model, &info);
         let flops_per_token = setup::flops_per_token(&config, &model, &info);
         let peak_flops = setup::peak_flops(&config);
@@ -128,8 +175,13 @@ impl<B: AutodiffBackend> Trainer<B> {
             losses: Vec::new(),
             tokens: 0,
             clock: None,
+            seconds_before: 0.0,
             flops_per_token,
             peak_flops,
+            manifest,
+            run_dir: None,
+            last_checkpoint: None,
+            notes: Vec::new(),
         };
         if let Some(r) = trainer.config.resume.clone() {
             trainer.resume(&r)?;
@@ -194,11 +246,31 @@ impl<B: AutodiffBackend> Trainer<B> {
         every > 0 && self.step.is_multiple_of(every) && self.step > 0 && !self.is_done()
     }
 
-    /// The report so far (`interrupted`: the run stops before its last step).
+    /// What set-up wants the user to know: checkpoints `resume` passed over, changes accepted
+    /// with `force`.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
+    }
+
+    /// What identifies this run: its id, the model's fingerprint, the data files' digests.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Training seconds of the whole run (a resumed run includes the time before its checkpoint).
+    fn seconds(&self) -> f64 {
+        self.seconds_before + self.clock.map_or(0.0, |(_, busy)| busy.as_secs_f64())
+    }
+
+    /// The report so far (`interrupted`: the run stops before its last step). A resumed run
+    /// reports the whole run: losses, evaluations, tokens and time from before its checkpoint
+    /// included.
     pub fn report(&self, interrupted: bool) -> TrainReport {
-        let tokens_per_sec = match self.clock {
-            Some((_, busy)) => self.tokens as f64 / busy.as_secs_f64().max(1e-9),
-            None => 0.0,
+        let secs = self.seconds();
+        let tokens_per_sec = if secs > 0.0 {
+            self.tokens as f64 / secs
+        } else {
+            0.0
         };
         TrainReport {
             steps: self.step,
@@ -244,12 +316,16 @@ pub fn train<B: AutodiffBackend>(
     stop: &AtomicBool,
 ) -> Result<TrainReport> {
     config.validate()?;
+    if config.resume.is_none() && !config.overwrite {
+        // Before the (long) loading: `Trainer::new` and `claim_output` check again.
+        RunDir::refuse_fresh(&config.output)?;
+    }
     llama_pro_core::device::tune_allocator();
     let model = TrainModel::<B>::load(&config, device, observer)?;
     let data = TrainData::load(&config, &model, observer)?;
     let mut trainer = Trainer::new(config, model, data)?;
-    std::fs::create_dir_all(&trainer.config.output)
-        .map_err(|e| TrainError::io(&trainer.config.output, e))?;
+    // Everything is read and checked: from here on the run writes.
+    let removed = trainer.claim_output()?;
     let mut metrics = MetricsLog::open(
         &trainer.config.output.join("metrics.jsonl"),
         trainer.resumed_from().map(|(_, s)| s),
@@ -258,6 +334,12 @@ pub fn train<B: AutodiffBackend>(
     observers.push(&mut metrics);
     observers.push(observer);
     let o = &mut observers;
+    for p in removed {
+        o.on_event(&Event::Info(&format!("removed {}", p.display())));
+    }
+    for n in trainer.notes() {
+        o.on_event(&Event::Warning(n));
+    }
     o.on_event(&Event::Info(&describe(&trainer)));
     if let Some((dir, step)) = trainer.resumed_from() {
         o.on_event(&Event::Info(&format!(
@@ -316,6 +398,22 @@ pub fn train<B: AutodiffBackend>(
         return Err(e);
     }
     Ok(report)
+}
+
+/// A new run's id: time and process, hashed.
+fn new_run_id() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    sha256_hex(format!("{t}-{}", std::process::id()).as_bytes())[..16].to_string()
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// One line on the data and the steps ahead.

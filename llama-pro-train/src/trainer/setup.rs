@@ -13,6 +13,7 @@ use llama_pro_core::burn;
 use llama_pro_core::expand::{LayerMap, layer_of};
 use llama_pro_core::freeze::{SelectContext, Selection, TrainableSummary, set_trainable};
 use llama_pro_core::model::LlamaForCausalLM;
+use llama_pro_core::weights::Checkpoint;
 use llama_pro_core::{DType, HfConfig, Tokenizer};
 
 use crate::config::{DataSource, Method, TrainConfig};
@@ -48,6 +49,10 @@ pub struct ModelInfo {
     pub tokenizer: Option<Tokenizer>,
     /// Its `tokenizer.json`.
     tokenizer_file: Option<PathBuf>,
+    /// What identifies the starting weights (a resumed run must start from the same): the
+    /// checkpoint's sampled fingerprint, or one of the configuration and seed for a random
+    /// initialisation, or of the parameters for a model given in memory.
+    pub fingerprint: String,
 }
 
 impl<B: AutodiffBackend> TrainModel<B> {
@@ -59,7 +64,7 @@ impl<B: AutodiffBackend> TrainModel<B> {
         observer: &mut dyn Observer,
     ) -> Result<Self> {
         let dir = crate::data::existing(&config.model)?;
-        let (model, hf) = if config.random_init {
+        let (model, hf, fingerprint) = if config.random_init {
             let hf = HfConfig::from_path(&dir)?;
             let mut c = hf.config.clone();
             c.dtype = DType::F32;
@@ -69,12 +74,21 @@ impl<B: AutodiffBackend> TrainModel<B> {
                 c.num_params(),
                 config.seed
             )));
-            (c.init::<B>(device, config.seed), hf)
+            let fingerprint = format!("random-init:{}", crate::data::file_digest(&hf.path)?.sha256);
+            (c.init::<B>(device, config.seed), hf, fingerprint)
         } else {
-            LlamaForCausalLM::<B>::from_pretrained(&dir, device, Some(DType::F32))?
+            let ckpt = Checkpoint::open(&dir)?;
+            if config.check_finite {
+                ckpt.check_finite()?;
+            }
+            let hf = HfConfig::from_path(&dir)?;
+            let model =
+                LlamaForCausalLM::<B>::from_checkpoint(&hf.config, &ckpt, device, DType::F32)?;
+            let fingerprint = format!("checkpoint:{}", ckpt.fingerprint()?);
+            (model, hf, fingerprint)
         };
         let map = LayerMap::from_config(&hf.raw, hf.config.num_hidden_layers, &hf.path)?;
-        Self::new(config, model, hf, map, &dir, observer)
+        Self::prepare(config, model, hf, map, &dir, fingerprint, observer)
     }
 
     /// Prepare a model that is already in memory (f32 weights), e.g. one expanded with
@@ -89,6 +103,19 @@ impl<B: AutodiffBackend> TrainModel<B> {
         hf: HfConfig,
         map: LayerMap,
         dir: &Path,
+        observer: &mut dyn Observer,
+    ) -> Result<Self> {
+        let fingerprint = format!("memory:{}", parameters_fingerprint(&model)?);
+        Self::prepare(config, model, hf, map, dir, fingerprint, observer)
+    }
+
+    fn prepare(
+        config: &TrainConfig,
+        model: LlamaForCausalLM<B>,
+        hf: HfConfig,
+        map: LayerMap,
+        dir: &Path,
+        fingerprint: String,
         observer: &mut dyn Observer,
     ) -> Result<Self> {
         let device = model.model.embed_tokens.weight.val().device();
@@ -141,6 +168,7 @@ impl<B: AutodiffBackend> TrainModel<B> {
             summary,
             tokenizer,
             tokenizer_file,
+            fingerprint,
         };
         Ok(Self { model, info })
     }
@@ -169,6 +197,30 @@ impl ModelInfo {
             cache,
         }
     }
+}
+
+/// SHA-256 over every parameter's name, shape and up to 16 samples of 1024 of its values.
+fn parameters_fingerprint<B: AutodiffBackend>(model: &LlamaForCausalLM<B>) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for p in model.named_parameters() {
+        h.update(p.name.as_bytes());
+        h.update(format!("{:?}", p.shape).as_bytes());
+        let values = p
+            .value
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .map_err(|e| TrainError::Invalid(format!("reading {}: {e:?}", p.name)))?;
+        let chunk = 1024.min(values.len());
+        let stride = (values.len() - chunk) / 15;
+        for k in 0..16 {
+            for v in &values[k * stride..k * stride + chunk] {
+                h.update(v.to_le_bytes());
+            }
+        }
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Fail with a clear error if the backend cannot compute in `dtype` (burn panics on an
@@ -234,7 +286,27 @@ impl TrainData {
             eval_sets.push((e.name.clone(), spread(windows, config.eval_max_sequences)));
         }
         if eval_sets.is_empty() {
-            let val = split_validation(&mut sources, config.val_fraction, config.seed);
+            let (val, taken) = split_validation(&mut sources, config.val_fraction, config.seed);
+            for (s, k) in sources.iter().zip(&taken) {
+                let n = s.windows.len() + k;
+                let line = if *k > 0 {
+                    format!(
+                        "held out {k} of the {n} training windows of {} as the evaluation set `val` (val_fraction {})",
+                        s.path.display(),
+                        config.val_fraction
+                    )
+                } else {
+                    format!(
+                        "no evaluation windows held out of {}: its {n} windows are too few for val_fraction {} \
+                         (give an evaluation set to evaluate)",
+                        s.path.display(),
+                        config.val_fraction
+                    )
+                };
+                if config.val_fraction > 0.0 {
+                    observer.on_event(&Event::Info(&line));
+                }
+            }
             if !val.is_empty() {
                 eval_sets.push(("val".into(), val));
             }

@@ -99,10 +99,16 @@ impl<B: AutodiffBackend> Trainer<B> {
         if value.is_finite() {
             return Ok(());
         }
+        let kept = match &self.last_checkpoint {
+            Some(dir) => format!(
+                "the last good checkpoint, {}, is intact (resume from it with a lower learning rate or clipping)",
+                dir.display()
+            ),
+            None => "no checkpoint was written before it (save_every sets how often)".into(),
+        };
         Err(TrainError::Invalid(format!(
-            "step {}: the {what} is {value} (not finite); stopping without writing. The last good checkpoint in {} is intact",
-            self.step + 1,
-            self.config.output.join("checkpoints").display()
+            "step {}: the {what} is {value} (not finite); stopping without writing anything; {kept}",
+            self.step + 1
         )))
     }
 }
