@@ -249,11 +249,10 @@ impl<B: Backend> LlamaForCausalLM<B> {
                 let dtype = self.0;
                 param.map(|t| {
                     let (dims, device) = (t.dims(), t.device());
-                    let values = t
-                        .into_data()
-                        .convert::<f32>()
-                        .into_vec::<f32>()
-                        .unwrap_or_default();
+                    let values = match t.into_data().convert::<f32>().into_vec::<f32>() {
+                        Ok(v) => v,
+                        Err(e) => unreachable!("data converted to f32 reads as f32: {e:?}"),
+                    };
                     crate::weights::tensor_from_f32::<B, D>(values, dims, dtype, &device)
                 })
             }

@@ -509,3 +509,39 @@ fn module_configs_init_and_forward() {
                 == q.value.clone().into_data().as_bytes())
     );
 }
+
+/// `LlamaConfig::tensor_shapes` (what `expand` checks a checkpoint against without building a
+/// model) lists exactly the parameters a built model has, in order, for every fixture and for
+/// every bias/tie combination.
+#[test]
+fn tensor_shapes_match_the_built_model() {
+    let mut configs: Vec<llama_pro::core::LlamaConfig> = MODELS
+        .iter()
+        .map(|m| {
+            llama_pro::core::HfConfig::from_path(model_dir(m))
+                .unwrap()
+                .config
+        })
+        .collect();
+    let mut c = llama_pro::core::LlamaConfig::tiny(50);
+    c.qkv_bias = true;
+    c.o_bias = true;
+    c.mlp_bias = true;
+    c.tie_word_embeddings = true;
+    configs.push(c);
+    for c in configs {
+        let model = c.init::<Cpu>(&Default::default(), 0);
+        let built: Vec<(String, Vec<usize>)> = model
+            .named_parameters()
+            .into_iter()
+            .map(|p| (p.name, p.shape))
+            .collect();
+        assert_eq!(c.tensor_shapes(), built);
+    }
+    // And every fixture checkpoint passes the header check.
+    for m in MODELS {
+        let dir = model_dir(m);
+        let hf = llama_pro::core::HfConfig::from_path(&dir).unwrap();
+        Checkpoint::open(&dir).unwrap().check_layout(&hf.config).unwrap();
+    }
+}

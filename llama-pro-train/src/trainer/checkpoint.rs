@@ -19,7 +19,7 @@ use burn::tensor::{Tensor, TensorData};
 use llama_pro_core::burn;
 use llama_pro_core::params::{NamedMapper, map_named};
 use llama_pro_core::save::{
-    OwnedTensor, SaveOptions, begin_atomic_dir, commit_atomic_dir, save_pretrained,
+    OwnedTensor, SaveOptions, begin_atomic_dir, commit_atomic_dir, resolve, save_pretrained,
     write_file_atomic, write_json, write_weights,
 };
 use llama_pro_core::weights::Checkpoint;
@@ -117,7 +117,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         // A resumed run continues in the directory of its checkpoint; resuming a checkpoint from
         // elsewhere starts this directory afresh.
         let fresh = match &self.resumed {
-            Some((dir, _)) => !dir.starts_with(out),
+            Some((dir, _)) => !resolve(dir).starts_with(resolve(out)),
             None => true,
         };
         let (dir, removed) = RunDir::claim(out, fresh, self.config.overwrite)?;
