@@ -46,6 +46,7 @@ fn main() -> Result<()> {
         max_steps: Some(40),
         seq_len: 64,
         lr: 3e-3,
+        overwrite: true,      // replace the previous run of this example
         ..Default::default() // the paper's recipe: AdamW 0.9/0.95, cosine, 6% warmup, wd 0.1, clip 1.0
     };
     // What the run reports: set-up lines and every tenth step.

@@ -70,6 +70,7 @@ fn main() -> Result<()> {
         seq_len: 64,
         lr: 3e-3,
         token_cache: false,
+        overwrite: true, // replace the previous run of this example
         ..Default::default()
     };
     let layers = hf.config.num_hidden_layers;

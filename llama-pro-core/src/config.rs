@@ -228,9 +228,27 @@ impl LlamaConfig {
         };
         for l in 0..self.num_hidden_layers {
             let p = format!("model.layers.{l}");
-            linear(&mut out, format!("{p}.self_attn.q_proj"), q, d, self.qkv_bias);
-            linear(&mut out, format!("{p}.self_attn.k_proj"), kv, d, self.qkv_bias);
-            linear(&mut out, format!("{p}.self_attn.v_proj"), kv, d, self.qkv_bias);
+            linear(
+                &mut out,
+                format!("{p}.self_attn.q_proj"),
+                q,
+                d,
+                self.qkv_bias,
+            );
+            linear(
+                &mut out,
+                format!("{p}.self_attn.k_proj"),
+                kv,
+                d,
+                self.qkv_bias,
+            );
+            linear(
+                &mut out,
+                format!("{p}.self_attn.v_proj"),
+                kv,
+                d,
+                self.qkv_bias,
+            );
             linear(&mut out, format!("{p}.self_attn.o_proj"), d, q, self.o_bias);
             linear(&mut out, format!("{p}.mlp.gate_proj"), f, d, self.mlp_bias);
             linear(&mut out, format!("{p}.mlp.up_proj"), f, d, self.mlp_bias);

@@ -261,7 +261,13 @@ pub fn wgpu_device(i: Option<usize>) -> Result<burn::backend::wgpu::WgpuDevice> 
     };
     let n = i.unwrap_or(0);
     let spec = DeviceSpec::Wgpu(i);
-    let order = [T::DiscreteGpu, T::IntegratedGpu, T::VirtualGpu, T::Cpu, T::Other];
+    let order = [
+        T::DiscreteGpu,
+        T::IntegratedGpu,
+        T::VirtualGpu,
+        T::Cpu,
+        T::Other,
+    ];
     let Some(kind) = order
         .into_iter()
         .find(|k| adapters.iter().any(|a| a.device_type == *k))

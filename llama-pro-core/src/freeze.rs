@@ -225,7 +225,8 @@ impl Selection {
                     return Err(err(
                         &self.text,
                         "this model has no expanded blocks (its config.json has no `llama_pro` layer map): \
-                         run `llama-pro expand` first, or train original blocks with interleaved[N] or layers[..]",
+                         expand it first (`llama-pro expand`, or `expand_checkpoint` from Rust), or train original blocks \
+                         with interleaved[N] or layers[..]",
                     ));
                 }
                 Term::LmHead if ctx.tied => {

@@ -239,10 +239,13 @@ impl OnAutodiffBackend for DemoTrain<'_> {
 fn data_file(dir: &Path, name: &str) -> Result<PathBuf> {
     let p = dir.join(name);
     if !p.exists() {
-        return Err(TrainError::Invalid(format!(
-            "{}: missing; the demo needs the data shipped in the repository's data/ (give --data-dir)",
-            p.display()
-        )));
+        return Err(TrainError::setting(
+            "data_dir",
+            format!(
+                "{}: missing; the demo needs the data shipped in the repository's data/",
+                p.display()
+            ),
+        ));
     }
     Ok(p)
 }
@@ -368,6 +371,8 @@ pub fn run_demo(cfg: &DemoConfig, observer: &mut dyn Observer) -> Result<DemoRep
             eval_every: (cfg.steps / (cfg.evals_during + 1)).max(1),
             log_every: 0,
             keep: 1,
+            // The demo owns its output directory: a rerun replaces the earlier runs.
+            overwrite: true,
             seed: cfg.seed,
             device,
             ..TrainConfig::default()

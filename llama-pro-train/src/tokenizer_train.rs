@@ -48,10 +48,13 @@ pub fn train_tokenizer(
     out_dir: &Path,
 ) -> Result<PathBuf> {
     if cfg.vocab_size < 256 + 2 {
-        return Err(TrainError::Invalid(format!(
-            "--vocab-size {}: a byte-level BPE needs at least 258 (256 bytes + <s> + </s>)",
-            cfg.vocab_size
-        )));
+        return Err(TrainError::setting(
+            "vocab_size",
+            format!(
+                "{}: a byte-level BPE needs at least 258 (256 bytes + <s> + </s>)",
+                cfg.vocab_size
+            ),
+        ));
     }
     let mut docs: Vec<String> = Vec::new();
     for f in files {

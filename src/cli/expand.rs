@@ -6,8 +6,8 @@ use anyhow::bail;
 use clap::Args;
 use llama_pro::core::device::{DeviceSpec, check_device, verify_identity_on};
 use llama_pro::core::expand::{CONFIG_KEY, ExpansionPlan, expand_checkpoint_checked};
-use llama_pro::core::{CoreError, HfConfig};
 use llama_pro::core::save::SaveOptions;
+use llama_pro::core::{CoreError, HfConfig};
 use llama_pro::train::data::existing;
 
 use super::{human_bytes, human_count, parse_size};

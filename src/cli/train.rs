@@ -228,7 +228,10 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<ExitCode> {
     // checked and it owns the directory.
     let resolved = cfg.to_toml()?;
     let path = cfg.output.join("train.toml");
-    eprintln!("configuration (saved to {} when the run starts):\n{resolved}", path.display());
+    eprintln!(
+        "configuration (saved to {} when the run starts):\n{resolved}",
+        path.display()
+    );
     // Ctrl-C, SIGTERM (schedulers, `docker stop`, `timeout`) and SIGHUP: finish the step, write a
     // checkpoint, exit 130; a second signal exits at once.
     let stop: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));

@@ -187,6 +187,30 @@ pub fn train_on<B: burn::tensor::backend::AutodiffBackend>(
     llama_pro::train::trainer::train::<B>(cfg.clone(), device, &mut observer, &stop)
 }
 
+/// Train on the CPU and collect the run's information and warning lines.
+pub fn train_cpu_lines(
+    cfg: &llama_pro::train::config::TrainConfig,
+) -> (
+    Result<llama_pro::train::trainer::TrainReport, llama_pro::train::TrainError>,
+    Vec<String>,
+) {
+    use llama_pro::train::trainer::Event;
+    let mut lines = Vec::new();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut observer = |e: &Event<'_>| match e {
+        Event::Info(s) => lines.push(s.to_string()),
+        Event::Warning(s) => lines.push(format!("warning: {s}")),
+        _ => {}
+    };
+    let r = llama_pro::train::trainer::train::<burn::backend::Autodiff<Cpu>>(
+        cfg.clone(),
+        &Default::default(),
+        &mut observer,
+        &stop,
+    );
+    (r, lines)
+}
+
 /// [`train_on`] the CPU (autodiff).
 pub fn train_cpu(
     cfg: &llama_pro::train::config::TrainConfig,

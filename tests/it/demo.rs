@@ -316,5 +316,16 @@ fn demo_runs_on_the_shipped_data() {
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("demo.json")).unwrap()).unwrap();
     assert_eq!(json["runs"].as_array().unwrap().len(), 3);
+    // A rerun into the same output replaces the earlier runs (the demo owns its directory).
+    let again = run_demo(
+        &DemoConfig {
+            methods: vec![DemoMethod::Pro],
+            steps: 1,
+            ..cfg
+        },
+        &mut llama_pro::train::trainer::silent(),
+    )
+    .unwrap();
+    assert_eq!(again.runs[0].train_losses.len(), 1);
     let _: PathBuf = out;
 }

@@ -542,6 +542,9 @@ fn tensor_shapes_match_the_built_model() {
     for m in MODELS {
         let dir = model_dir(m);
         let hf = llama_pro::core::HfConfig::from_path(&dir).unwrap();
-        Checkpoint::open(&dir).unwrap().check_layout(&hf.config).unwrap();
+        Checkpoint::open(&dir)
+            .unwrap()
+            .check_layout(&hf.config)
+            .unwrap();
     }
 }

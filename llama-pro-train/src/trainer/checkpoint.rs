@@ -220,13 +220,15 @@ impl<B: AutodiffBackend> Trainer<B> {
             ));
         }
         let mut unreadable = Vec::new();
-        let loaded = candidates.iter().find_map(|dir| match self.read_checkpoint(dir) {
-            Ok(l) => Some(l),
-            Err(e) => {
-                unreadable.push(format!("{}: {e}", dir.display()));
-                None
-            }
-        });
+        let loaded = candidates
+            .iter()
+            .find_map(|dir| match self.read_checkpoint(dir) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    unreadable.push(format!("{}: {e}", dir.display()));
+                    None
+                }
+            });
         let Some(loaded) = loaded else {
             return Err(TrainError::setting(
                 "resume",
@@ -474,8 +476,7 @@ fn changes(
         }
         let wd = |v: Option<&serde_json::Value>| v.and_then(|v| v.as_f64()).unwrap_or(0.0) > 0.0;
         // Weight decay on or off moves parameters between the two optimizers (and their state).
-        let forceable =
-            WITH_FORCE.contains(key) && !(*key == "weight_decay" && wd(a) != wd(b));
+        let forceable = WITH_FORCE.contains(key) && !(*key == "weight_decay" && wd(a) != wd(b));
         out.push(Change {
             what: format!("{key}: {} -> {}", show(a), show(b)),
             forceable,
@@ -648,7 +649,9 @@ fn list_checkpoints(root: &Path) -> Vec<Listed> {
             Some(Listed {
                 dir: e.path(),
                 step,
-                run_id: head.as_ref().and_then(|h| h.manifest.as_ref().map(|m| m.run_id.clone())),
+                run_id: head
+                    .as_ref()
+                    .and_then(|h| h.manifest.as_ref().map(|m| m.run_id.clone())),
                 saved_at: head.map_or(0, |h| h.saved_at),
             })
         })

@@ -53,11 +53,11 @@ mod setup;
 mod step;
 
 pub use checkpoint::{DataEntry, Manifest, latest_checkpoint};
-pub use rundir::{LOCK_FILE, RUN_FILES, RunDir};
 pub use observer::{Event, Observer, Observers, silent};
 pub use report::{EvalPoint, MetricsLog, StepMetrics, TrainReport, forgetting_table};
 #[cfg(feature = "plot")]
 pub use report::{LossPlot, plot_run};
+pub use rundir::{LOCK_FILE, RUN_FILES, RunDir};
 pub use setup::{ModelInfo, TrainData, TrainModel};
 
 use setup::{Group, Optimizers};
