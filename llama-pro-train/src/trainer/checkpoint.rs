@@ -379,7 +379,7 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// mixed precision exports in the compute dtype, as the base usually is), `report.json` and the
     /// model's README. Call after the last step (and [`Trainer::evaluate`], for the "after" of the
     /// report); [`Trainer::finish`] does all three.
-    pub fn export(mut self) -> Result<TrainReport> {
+    pub fn export(&mut self) -> Result<TrainReport> {
         self.claim_output()?;
         let mut report = self.report(false);
         if let Some((_, r)) = self.latest_eval.as_ref().filter(|(s, _)| *s == self.step) {

@@ -333,14 +333,29 @@ pub fn train<B: AutodiffBackend>(
     let mut observers = Observers::new();
     observers.push(&mut metrics);
     observers.push(observer);
-    let o = &mut observers;
     for p in removed {
-        o.on_event(&Event::Info(&format!("removed {}", p.display())));
+        observers.on_event(&Event::Info(&format!("removed {}", p.display())));
     }
+    let report = run(&mut trainer, &mut observers, stop);
+    drop(observers);
+    // The metrics log cannot fail the run while it goes; its first error is reported here.
+    match metrics.take_error() {
+        Some(e) if report.is_ok() => Err(e),
+        _ => report,
+    }
+}
+
+/// The run after set-up: evaluation before, the steps with periodic evaluations and
+/// checkpoints, then save, evaluate and export (or a checkpoint when `stop` is set).
+fn run<B: AutodiffBackend>(
+    trainer: &mut Trainer<B>,
+    o: &mut dyn Observer,
+    stop: &AtomicBool,
+) -> Result<TrainReport> {
     for n in trainer.notes() {
         o.on_event(&Event::Warning(n));
     }
-    o.on_event(&Event::Info(&describe(&trainer)));
+    o.on_event(&Event::Info(&describe(trainer)));
     if let Some((dir, step)) = trainer.resumed_from() {
         o.on_event(&Event::Info(&format!(
             "resumed from {} at step {step}",
@@ -393,10 +408,6 @@ pub fn train<B: AutodiffBackend>(
     o.on_event(&Event::Eval { step, results: &r });
     let report = trainer.export()?;
     o.on_event(&Event::End(&report));
-    drop(observers);
-    if let Some(e) = metrics.take_error() {
-        return Err(e);
-    }
     Ok(report)
 }
 
