@@ -256,6 +256,8 @@ fn non_finite_loss_stops_and_keeps_the_last_checkpoint() {
         last.file_name().unwrap().to_string_lossy(),
         format!("step-{}", step - 1)
     );
+    // The message names the checkpoint that is kept.
+    assert!(e.contains(&last.display().to_string()), "{e}");
     let ck = Checkpoint::open(&last).unwrap();
     for n in ck.names() {
         let v = ck.read_f32(n, &ck.meta(n).unwrap().shape).unwrap();
