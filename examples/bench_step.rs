@@ -1,5 +1,6 @@
-//! One training-step measurement, for `benches/compare_torch.py` (which runs the identical step in
-//! PyTorch in the same session and prints the ratio). Prints one JSON line.
+//! One training-step measurement on the CPU, as library code: the step `llama-pro bench` times on
+//! any device (`llama-pro bench --preset S --mode pro`, which `benches/compare_torch.py` runs
+//! against PyTorch and which adds FLOPs, MFU, memory and JSON). Prints one JSON line.
 //!
 //!     cargo run --release --example bench_step -- --case S --mode pro --steps 10 --warmup 3
 //!

@@ -81,6 +81,15 @@ impl<'de> serde::Deserialize<'de> for DeviceSpec {
 pub type WgpuBackend =
     burn::backend::wgpu::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;
 
+/// The CUDA backend we run: burn's `CubeBackend` on the CUDA runtime without kernel fusion
+/// (`burn::backend::Cuda` wraps it in `Fusion`). Our operations' kernels (`crate::ops`) are
+/// recognised on this type; under `Fusion` every operation would run composed, keeping the
+/// O(seq²) attention probabilities for backward. The same choice as [`WgpuBackend`], where
+/// fusion also miscomputed SwiGLU in burn 0.21.
+#[cfg(feature = "cuda")]
+pub type CudaBackend =
+    burn_cubecl::CubeBackend<burn_cubecl::cubecl::cuda::CudaRuntime, f32, i32, u8>;
+
 /// Work to run on whichever backend the user picked (inference).
 pub trait OnBackend {
     /// What the work returns.
@@ -118,8 +127,8 @@ pub fn dispatch<T: OnBackend>(spec: DeviceSpec, task: T) -> Result<T::Output> {
         #[cfg(feature = "cuda")]
         DeviceSpec::Cuda(i) => {
             let device = burn::backend::cuda::CudaDevice::new(i);
-            probe::<burn::backend::Cuda>(spec, &device)?;
-            Ok(task.run::<burn::backend::Cuda>(device))
+            probe::<CudaBackend>(spec, &device)?;
+            Ok(task.run::<CudaBackend>(device))
         }
         #[allow(unreachable_patterns)]
         other => Err(not_built(feature_of(other))),
@@ -210,10 +219,10 @@ pub fn dispatch_autodiff_with<T: OnAutodiffBackend>(
         #[cfg(feature = "cuda")]
         (DeviceSpec::Cuda(i), ck) => {
             let device = burn::backend::cuda::CudaDevice::new(i);
-            probe::<burn::backend::Cuda>(spec, &device)?;
+            probe::<CudaBackend>(spec, &device)?;
             Ok(match ck {
-                false => task.run::<Autodiff<burn::backend::Cuda>>(device),
-                true => task.run::<Autodiff<burn::backend::Cuda, Ck>>(device),
+                false => task.run::<Autodiff<CudaBackend>>(device),
+                true => task.run::<Autodiff<CudaBackend, Ck>>(device),
             })
         }
         #[allow(unreachable_patterns)]

@@ -16,6 +16,7 @@ pub mod demo;
 pub mod error;
 pub mod eval;
 pub mod flops;
+pub mod memory;
 pub mod optim;
 #[cfg(feature = "plot")]
 pub mod plot;

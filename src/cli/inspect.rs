@@ -9,7 +9,14 @@ use llama_pro::core::freeze::{SelectContext, Selection, summarize};
 use llama_pro::core::weights::Checkpoint;
 use llama_pro::train::data::existing;
 
-use super::{human_bytes, human_count};
+use llama_pro::core::DType;
+use llama_pro::core::device::DeviceSpec;
+use llama_pro::train::config::{Method, TrainConfig};
+use llama_pro::train::memory::{
+    AttentionKind, Capacity, MemoryPlan, PlanInputs, device_capacity, fit_report,
+};
+
+use super::{choice, dtype_parser, human_bytes, human_count, parse_size};
 
 /// `llama-pro inspect`
 #[derive(Args, Debug)]
@@ -23,6 +30,70 @@ pub struct InspectArgs {
     /// `expanded+embed_tokens`, `interleaved[4]`, `expanded.mlp`).
     #[arg(long, value_name = "SELECTION")]
     pub trainable: Option<Selection>,
+    /// Also print the predicted peak memory of training this model (as `train --dry-run`):
+    /// weights, gradients, AdamW state, activations, logits, and whether it fits the device.
+    #[arg(long)]
+    pub memory: bool,
+    /// With --memory: what trains, as in `train` (default: pro for an expanded model, else
+    /// full); --trainable overrides it.
+    #[arg(long, requires = "memory", value_parser = choice::<Method>(Method::ALL.map(|m| m.name())))]
+    pub method: Option<Method>,
+    /// With --memory: tokens per sequence (default 512).
+    #[arg(long, alias = "seq", requires = "memory")]
+    pub seq_len: Option<usize>,
+    /// With --memory: sequences per micro-batch (default 8).
+    #[arg(long, alias = "batch", requires = "memory")]
+    pub batch_size: Option<usize>,
+    /// With --memory: micro-batches per optimizer step (default 1).
+    #[arg(long, requires = "memory")]
+    pub grad_accum: Option<usize>,
+    /// With --memory: f32, or bf16/f16 mixed precision (default f32).
+    #[arg(long, requires = "memory", value_parser = dtype_parser())]
+    pub dtype: Option<DType>,
+    /// With --memory: burn's balanced activation checkpointing.
+    #[arg(long, alias = "checkpointing", requires = "memory")]
+    pub activation_checkpointing: bool,
+    /// With --memory: the device trained on: cpu, wgpu[:N] or cuda[:N] (default cpu).
+    #[arg(long, requires = "memory")]
+    pub device: Option<DeviceSpec>,
+    /// With --memory: the device's memory (e.g. 80GB; decimal units). The CPU's is read from
+    /// /proc/meminfo; a GPU's is not read (planning starts no device).
+    #[arg(long, value_parser = parse_size, requires = "memory")]
+    pub device_memory: Option<usize>,
+    /// With --memory: plan for the fused kernels or for composed ops (O(seq^2) attention)
+    /// instead of what the device and dtype get.
+    #[arg(long, requires = "memory", value_parser = choice::<AttentionKind>(AttentionKind::ALL.map(|k| k.name())))]
+    pub attention: Option<AttentionKind>,
+    /// With --memory and --method lora: adapter rank (default 8).
+    #[arg(long, requires = "memory")]
+    pub lora_rank: Option<usize>,
+    /// With --memory and --method lora: linear layers with adapters, comma-separated (default:
+    /// all seven).
+    #[arg(long, value_delimiter = ',', requires = "memory")]
+    pub lora_targets: Vec<String>,
+}
+
+impl InspectArgs {
+    /// The training run `--memory` plans: `train`'s defaults with the given flags.
+    fn plan_config(&self, dir: &std::path::Path, expanded: bool) -> TrainConfig {
+        let mut c = TrainConfig {
+            model: dir.to_path_buf(),
+            method: self
+                .method
+                .unwrap_or(if expanded { Method::Pro } else { Method::Full }),
+            trainable: self.trainable.clone(),
+            activation_checkpointing: self.activation_checkpointing,
+            ..TrainConfig::default()
+        };
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
+        }
+        set!(seq_len, batch_size, grad_accum, dtype, device, lora_rank);
+        if !self.lora_targets.is_empty() {
+            c.lora_targets = self.lora_targets.clone();
+        }
+        c
+    }
 }
 
 pub fn run(a: &InspectArgs) -> anyhow::Result<()> {
@@ -67,7 +138,30 @@ pub fn run(a: &InspectArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let memory = if a.memory {
+        let cfg = a.plan_config(&dir, !map.new_layers().is_empty());
+        let mut inputs = PlanInputs::from_train_config(&cfg, &hf)?;
+        if let Some(k) = a.attention {
+            inputs.attention = k;
+        }
+        let plan = MemoryPlan::for_training(c, &inputs);
+        let capacity = device_capacity(cfg.device, a.device_memory.map(|b| b as u64));
+        Some((plan, fit_report(c, &inputs, &capacity), capacity))
+    } else {
+        None
+    };
     if a.json {
+        let memory = memory.as_ref().map(|(plan, lines, capacity)| {
+            let mut v = plan.to_json();
+            let (cap, fits) = match capacity {
+                Capacity::Known(b, _) => (Some(*b), Some(plan.total_bytes() <= *b)),
+                Capacity::Unknown(_) => (None, None),
+            };
+            v["device_memory_bytes"] = serde_json::json!(cap);
+            v["fits"] = serde_json::json!(fits);
+            v["fit"] = serde_json::json!(lines);
+            v
+        });
         let v = serde_json::json!({
             "architecture": c.architecture.hf_class(),
             "num_hidden_layers": c.num_hidden_layers,
@@ -89,6 +183,7 @@ pub fn run(a: &InspectArgs) -> anyhow::Result<()> {
             "expanded_layers": map.new_layers(),
             "layer_map": map.compact(),
             "trainable": summary,
+            "memory": memory,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -139,6 +234,12 @@ pub fn run(a: &InspectArgs) -> anyhow::Result<()> {
     }
     if let (Some(s), Some(sel)) = (summary, &a.trainable) {
         println!("\ntrainable with --trainable {sel}:\n{s}");
+    }
+    if let Some((plan, lines, _)) = &memory {
+        println!("\n{plan}");
+        for l in lines {
+            println!("{l}");
+        }
     }
     if stored_params != c.num_params() {
         println!(

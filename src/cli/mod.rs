@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use llama_pro::core::device::DeviceSpec;
 use llama_pro::core::{DType, HfConfig, Tokenizer};
 
+mod bench;
 mod convert;
 mod demo;
 pub mod errors;
@@ -21,6 +22,7 @@ mod expand;
 mod generate;
 mod inspect;
 mod progress;
+mod selftest;
 mod tokenizer;
 mod train;
 
@@ -58,6 +60,12 @@ pub enum Command {
     /// Train a byte-level BPE tokenizer on text files and write tokenizer.json and
     /// tokenizer_config.json (HuggingFace format) into a directory.
     TrainTokenizer(tokenizer::TrainTokenizerArgs),
+    /// One training step (or forward pass, or greedy decoding) of a synthetic model on a device:
+    /// tokens/s, step time, model FLOPs, MFU, peak memory; JSON with --json.
+    Bench(Box<bench::BenchArgs>),
+    /// Golden parity checks on a device: logits and KV-cache decoding against transformers, one
+    /// training step against torch, expansion identity; exits 1 on a failure.
+    Selftest(selftest::SelftestArgs),
 }
 
 /// Run the command line. The exit status is 0, or 130 for a run stopped by Ctrl-C or SIGTERM
@@ -72,6 +80,8 @@ pub fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Train(a) => return train::run(&a),
         Command::Demo(a) => demo::run(&a),
         Command::TrainTokenizer(a) => tokenizer::run(&a),
+        Command::Bench(a) => bench::run(&a),
+        Command::Selftest(a) => return selftest::run(&a),
     }?;
     Ok(std::process::ExitCode::SUCCESS)
 }

@@ -11,6 +11,9 @@ use llama_pro::core::burn::tensor::backend::AutodiffBackend;
 use llama_pro::core::device::{DeviceSpec, OnAutodiffBackend, dispatch_autodiff_with};
 use llama_pro::core::freeze::Selection;
 use llama_pro::train::config::{DataSource, EvalSet, LrScale, Method, Resume, TrainConfig};
+use llama_pro::train::memory::{
+    AttentionKind, MemoryPlan, PlanInputs, device_capacity, fit_report,
+};
 use llama_pro::train::schedule::ScheduleKind;
 use llama_pro::train::trainer::{LossPlot, Observer, Observers, TrainReport, train};
 
@@ -110,8 +113,9 @@ pub struct TrainArgs {
     /// trainable weights and optimizer state in f32 (master weights); the export is in that dtype.
     #[arg(long, value_parser = dtype_parser())]
     pub dtype: Option<DType>,
-    /// Recompute memory-bound activations in the backward pass (less memory, more compute).
-    #[arg(long)]
+    /// Recompute memory-bound activations in the backward pass (less memory with composed ops,
+    /// more compute; with the fused kernels it keeps more: see `--dry-run`).
+    #[arg(long, alias = "checkpointing")]
     pub activation_checkpointing: bool,
     /// Evaluation set, repeatable: NAME=FILE (default: a held-out 2% of the training data).
     #[arg(long)]
@@ -157,6 +161,19 @@ pub struct TrainArgs {
     /// /proc/cpuinfo; give it for GPUs, e.g. 989 for an H100 SXM in bf16).
     #[arg(long)]
     pub peak_tflops: Option<f64>,
+    /// Check everything and print the predicted peak memory of the run (weights, gradients,
+    /// AdamW state, activations, logits) and whether it fits the device, then exit: reads
+    /// config.json and the safetensors headers only, writes nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// With --dry-run: the device's memory (e.g. 80GB; decimal units). The CPU's is read from
+    /// /proc/meminfo; a GPU's is not read (planning starts no device).
+    #[arg(long, value_parser = super::parse_size, requires = "dry_run")]
+    pub device_memory: Option<usize>,
+    /// With --dry-run: plan for the fused kernels or for composed ops (O(seq^2) attention)
+    /// instead of what the device and dtype get.
+    #[arg(long, requires = "dry_run", value_parser = choice::<AttentionKind>(AttentionKind::ALL.map(|k| k.name())))]
+    pub attention: Option<AttentionKind>,
 }
 
 impl TrainArgs {
@@ -224,6 +241,9 @@ impl TrainArgs {
 pub fn run(a: &TrainArgs) -> anyhow::Result<ExitCode> {
     let cfg = a.resolve()?;
     cfg.validate()?;
+    if a.dry_run {
+        return dry_run(&cfg, a);
+    }
     // The resolved configuration; the run saves it as OUTPUT/train.toml once everything is
     // checked and it owns the directory.
     let resolved = cfg.to_toml()?;
@@ -313,4 +333,64 @@ impl OnAutodiffBackend for TrainTask<'_> {
         }
         report
     }
+}
+
+/// `--dry-run`: everything a run checks before it loads weights (settings, the model's
+/// config.json and tensor headers, the selection, the data files, the output directory), then the
+/// memory plan and whether it fits. Nothing is read beyond headers, nothing is written.
+fn dry_run(cfg: &TrainConfig, a: &TrainArgs) -> anyhow::Result<ExitCode> {
+    use llama_pro::core::HfConfig;
+    use llama_pro::core::weights::Checkpoint;
+    use llama_pro::train::TrainError;
+    use llama_pro::train::data::existing;
+    use llama_pro::train::trainer::RunDir;
+
+    let dir = existing(&cfg.model)?;
+    let hf = HfConfig::from_path(&dir)?;
+    if !cfg.random_init {
+        // Headers only: the tensors' names, dtypes and shapes against config.json.
+        Checkpoint::open(&dir)?.check_layout(&hf.config)?;
+    }
+    let missing = |key: &str, p: &std::path::Path| {
+        TrainError::setting(key, format!("{}: no such file", p.display()))
+    };
+    if let Some(d) = cfg.data.iter().find(|d| !d.path.is_file()) {
+        return Err(missing("data", &d.path).into());
+    }
+    if let Some(e) = cfg.eval.iter().find(|e| !e.path.is_file()) {
+        return Err(missing("eval", &e.path).into());
+    }
+    let out = llama_pro::core::save::resolve(&cfg.output);
+    let model_dir = llama_pro::core::save::resolve(&dir);
+    if ["model", "checkpoints"]
+        .iter()
+        .any(|d| model_dir.starts_with(out.join(d)))
+    {
+        return Err(TrainError::setting(
+            "output",
+            format!(
+                "{}: the model {} lies in what this run writes (model/, checkpoints/); train into another output directory",
+                cfg.output.display(),
+                dir.display()
+            ),
+        )
+        .into());
+    }
+    if cfg.resume.is_none() && !cfg.overwrite {
+        RunDir::refuse_fresh(&cfg.output)?;
+    }
+    let mut inputs = PlanInputs::from_train_config(cfg, &hf)?;
+    if let Some(k) = a.attention {
+        inputs.attention = k;
+    }
+    let plan = MemoryPlan::for_training(&hf.config, &inputs);
+    println!("{plan}");
+    let capacity = device_capacity(cfg.device, a.device_memory.map(|b| b as u64));
+    for line in fit_report(&hf.config, &inputs, &capacity) {
+        println!("{line}");
+    }
+    println!(
+        "dry run: settings, model headers, data files and output directory checked; nothing written"
+    );
+    Ok(ExitCode::SUCCESS)
 }

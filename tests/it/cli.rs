@@ -38,6 +38,8 @@ fn help_on_every_subcommand() {
         "train",
         "demo",
         "train-tokenizer",
+        "bench",
+        "selftest",
     ] {
         let h = run_ok(&[sub, "--help"]);
         assert!(h.contains("Usage: llama-pro"), "{sub}: {h}");
@@ -371,4 +373,184 @@ fn train_cli_lora_mixed_precision_and_clear_errors() {
         "3",
     ]);
     assert!(e.contains("--groups 3: 4 layers cannot be split"), "{e}");
+}
+
+/// `bench` on the CPU: one timed step of the S preset (LLaMA Pro: only the new block trains)
+/// writes a JSON report whose model FLOPs are the formula computed here from the shapes, with
+/// consistent throughput, MFU and memory figures.
+#[test]
+fn bench_cli_reports_flops_throughput_and_memory() {
+    let dir = tmpdir("cli-bench");
+    let json = dir.join("bench.json");
+    run_ok(&[
+        "bench",
+        "--preset",
+        "S",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--device",
+        "cpu",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let f = |k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k}: {}", v[k]));
+    assert_eq!(v["preset"], "S");
+    assert_eq!(v["mode"], "pro");
+    assert_eq!(v["dtype"], "f32");
+    assert_eq!(v["device"], "cpu");
+    // S: vocab 4096, hidden 256, FFN 688, 4 heads of 64 (MHA), untied, 4 blocks expanded to 5
+    // with the copy of block 3 at position 4; 8 sequences of 128 tokens.
+    let (vocab, d, ffn, layers, seq, batch) = (4096.0, 256.0, 688.0, 5.0, 128.0, 8.0);
+    assert_eq!(v["config"]["num_hidden_layers"], 5);
+    assert_eq!(v["new_layers"], serde_json::json!([4]));
+    let block = 4.0 * d * d + 3.0 * d * ffn; // q, k, v, o; gate, up, down
+    let head = vocab * d;
+    assert_eq!(f("params"), 2.0 * head + layers * (block + 2.0 * d) + d);
+    assert_eq!(f("trainable"), block + 2.0 * d);
+    assert_eq!(f("tokens_per_step"), seq * batch);
+    // Per token: the forward pass (matmuls + QKᵀ and AV over the full window), the backward pass
+    // through the top block only (the lowest trainable one) and the head, and the new block's
+    // weight gradients.
+    let attn = 4.0 * d * seq;
+    let forward = 2.0 * (layers * block + head) + layers * attn;
+    let backward_act = 2.0 * (block + head) + 2.0 * attn;
+    let backward_w = 2.0 * block;
+    let per_step = (forward + backward_act + backward_w) * seq * batch;
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs();
+    assert!(
+        close(f("flops_per_step"), per_step),
+        "{} vs {per_step}",
+        f("flops_per_step")
+    );
+    // Causal attention: half of every attention term (5 blocks forward, 1 backward at twice the
+    // forward's work).
+    let causal = per_step - (layers + 2.0) * attn / 2.0 * seq * batch;
+    assert!(close(f("flops_per_step_causal"), causal));
+    // Throughput and MFU agree with the step time.
+    let steps = v["step_s"]["all"].as_array().unwrap();
+    assert_eq!(steps.len(), 1);
+    let step = v["step_s"]["mean"].as_f64().unwrap();
+    assert!(step > 0.0 && step < 60.0, "{step}");
+    assert!(close(f("tokens_per_s"), seq * batch / step));
+    assert!(close(f("achieved_tflops"), per_step / step / 1e12));
+    if let Some(peak) = v["peak_tflops"].as_f64() {
+        assert!(close(f("mfu"), per_step / step / (peak * 1e12)));
+        assert!(f("mfu") > 0.0 && f("mfu") < 2.0, "{}", f("mfu"));
+    }
+    // A random model predicts about uniformly: the loss is near ln(vocab).
+    assert!(
+        (f("loss_first") - vocab.ln()).abs() < 0.5,
+        "{}",
+        f("loss_first")
+    );
+    // Peak memory: at least the f32 weights (24 MB), far less than a GB.
+    let peak = v["memory"]["peak_bytes"].as_f64().unwrap();
+    assert!(peak > 24e6 && peak < 2e9, "{peak}");
+    assert!(v["memory"]["measure"].as_str().unwrap().contains("VmHWM"));
+    assert!(v["command"].as_array().unwrap().len() > 3);
+    // The memory planner's prediction for the same run is in the report.
+    if v["memory_plan"]["available"] == true {
+        assert!(v["memory_plan"]["total_bytes"].as_f64().unwrap() > 24e6);
+    }
+    let e = run_err(&["bench", "--preset", "XL"]);
+    assert!(e.contains("XL") && e.contains("llama2-7b-pro"), "{e}");
+}
+
+/// `selftest` passes on the CPU with the fixtures built into the binary, and fails (exit 1,
+/// naming the check) when a golden value is wrong.
+#[test]
+fn selftest_cli_passes_on_cpu_and_catches_a_wrong_golden() {
+    let dir = tmpdir("cli-selftest");
+    let json = dir.join("selftest.json");
+    let out = run_ok(&[
+        "selftest",
+        "--device",
+        "cpu",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["failed"], 0, "{out}");
+    let checks = v["checks"].as_array().unwrap();
+    for name in [
+        "logits",
+        "block-outputs",
+        "loss",
+        "kv-cache",
+        "kv-vs-full",
+        "expansion-identity",
+        "train-step-loss",
+        "train-step-params",
+        "train-step-after",
+    ] {
+        assert!(
+            checks
+                .iter()
+                .any(|c| c["name"] == name && c["status"] == "pass"),
+            "{name} missing:\n{out}"
+        );
+    }
+    // f32, bf16 and f16 all run on the CPU.
+    for dtype in ["f32", "bf16", "f16"] {
+        assert!(checks.iter().any(|c| c["dtype"] == dtype), "{dtype}");
+    }
+    for c in checks {
+        let (d, t) = (c["max_abs_diff"].as_f64(), c["tolerance"].as_f64());
+        assert!(d.unwrap() <= t.unwrap(), "{c}");
+    }
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("PASS")).count(),
+        checks.len()
+    );
+
+    // The same fixtures from a directory, with one logit of llama-mha-f32 off by 1e-3.
+    let fx = dir.join("fixtures");
+    for f in [
+        "models/llama-mha-f32/config.json",
+        "models/llama-mha-f32/model.safetensors",
+        "models/llama3-gqa-headdim-bf16/config.json",
+        "models/llama3-gqa-headdim-bf16/model.safetensors",
+        "golden/llama-mha-f32.safetensors",
+        "golden/llama3-gqa-headdim-bf16.safetensors",
+        "golden/train-adamw-1.safetensors",
+        "train/seqs.jsonl",
+    ] {
+        std::fs::create_dir_all(fx.join(f).parent().unwrap()).unwrap();
+        std::fs::copy(fixtures().join(f), fx.join(f)).unwrap();
+    }
+    let golden = fx.join("golden/llama-mha-f32.safetensors");
+    let mut bytes = std::fs::read(&golden).unwrap();
+    let at = {
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        st.tensor("logits").unwrap().data().as_ptr() as usize - bytes.as_ptr() as usize
+    };
+    let x = f32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) + 1e-3;
+    bytes[at..at + 4].copy_from_slice(&x.to_le_bytes());
+    std::fs::write(&golden, bytes).unwrap();
+    let o = bin()
+        .args([
+            "selftest",
+            "--device",
+            "cpu",
+            "--half",
+            "none",
+            "--fixtures",
+            fx.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{text}");
+    let failed: Vec<&str> = text.lines().filter(|l| l.starts_with("FAIL")).collect();
+    assert_eq!(failed.len(), 1, "{text}");
+    assert!(
+        failed[0].contains("logits") && failed[0].contains("llama-mha-f32"),
+        "{text}"
+    );
+    assert!(text.contains("1 failed"), "{text}");
 }

@@ -11,6 +11,7 @@ mod expansion;
 mod generation;
 mod io;
 mod kernels;
+mod memory;
 pub mod parity;
 mod reliability;
 mod training;

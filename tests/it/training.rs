@@ -624,11 +624,16 @@ fn wgpu_training_matches_cpu() {
     let go = |c: &TrainConfig| {
         train_on::<W>(c, &burn::backend::wgpu::WgpuDevice::DefaultDevice, |_| true)
     };
+    let calls = llama_pro::core::ops::kernel_calls();
     let gpu = go(&TrainConfig {
         output: out.with_file_name("wgpu"),
         ..cfg.clone()
     })
     .unwrap();
+    assert!(
+        llama_pro::core::ops::kernel_calls() > calls,
+        "the wgpu training step ran no kernel"
+    );
     println!("cpu {:?}\nwgpu {:?}", cpu.losses, gpu.losses);
     for (a, b) in cpu.losses.iter().zip(&gpu.losses) {
         assert!((a - b).abs() < 1e-4, "{a} vs {b}");

@@ -5,11 +5,14 @@
 //! [`causal_ce`]; the optimizer calls [`adamw`]) instead of composing burn tensor ops itself.
 //! Each is generic over `B: Backend` and picks its implementation at run time:
 //!
-//! - on a backend with kernels (today `Flex` and `Autodiff<Flex>`, found by type), the backend's
-//!   fused kernel, forward and backward;
-//! - on every other backend (wgpu, CUDA, NdArray, a user's own), and for inputs a kernel does not
-//!   handle (bf16/f16 on the CPU), the operation composed from burn tensor ops exactly as a plain
-//!   port would write it (`composed.rs`), differentiated by burn's autodiff.
+//! - on a backend with kernels (found by type: `Flex`, and the unfused CubeCL backends that
+//!   `--device wgpu|cuda` run, [`crate::device::WgpuBackend`] and [`crate::device::CudaBackend`],
+//!   each also under `Autodiff`), the backend's kernel, forward and backward: the CPU kernels of
+//!   `cpu.rs`, and on the GPU backends the block-wise forward/backward of [`tiled`] (attention
+//!   and loss memory O(seq) instead of O(seq²) and O(tokens·vocab) in f32);
+//! - on every other backend (burn's fused `Wgpu`/`Cuda`, NdArray, a user's own), and for inputs a
+//!   kernel does not handle (bf16/f16 on the CPU), the operation composed from burn tensor ops
+//!   exactly as a plain port would write it (`composed.rs`), differentiated by burn's autodiff.
 //!
 //! So the model runs on any `B: Backend` and trains on any `B: AutodiffBackend`; the kernels are
 //! an acceleration that never closes the set of backends.
@@ -25,7 +28,8 @@
 //! directly in HF's `[out, in]` layout.
 //!
 //! Module tree (no module here depends on the model's modules): `composed` (burn tensor ops),
-//! `kernel` (the kernel interface and its autodiff steps), `cpu` (the Flex kernels).
+//! `kernel` (the kernel interface and its autodiff steps), `cpu` (the Flex kernels), [`tiled`]
+//! (block-wise forward/backward in burn ops, any backend), `cube` (the CubeCL backends' hooks).
 
 use std::any::{Any, TypeId};
 
@@ -35,7 +39,12 @@ use burn::tensor::{Int, Tensor};
 mod composed;
 #[cfg(feature = "cpu")]
 mod cpu;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+mod cube;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+mod cube_kernels;
 mod kernel;
+pub mod tiled;
 
 pub use composed::{apply_rope, causal_attention, pair_mask, repeat_kv};
 use kernel::{KernelBackend, fp, tp};
@@ -291,22 +300,34 @@ fn dispatch<B: Backend, O: Op>(op: O) -> O::Output {
         return op.composed();
     }
     let b = TypeId::of::<B>();
-    #[cfg(feature = "cpu")]
-    {
-        use burn::backend::autodiff::checkpoint::strategy::{
-            BalancedCheckpointing, NoCheckpointing,
-        };
-        use burn::backend::{Autodiff, Flex};
-        if b == TypeId::of::<Flex>() {
-            return op.with_kernels::<Flex>();
-        }
-        if b == TypeId::of::<Autodiff<Flex, NoCheckpointing>>() {
-            return op.with_kernels::<Autodiff<Flex, NoCheckpointing>>();
-        }
-        if b == TypeId::of::<Autodiff<Flex, BalancedCheckpointing>>() {
-            return op.with_kernels::<Autodiff<Flex, BalancedCheckpointing>>();
-        }
+    /// Return `op` run with the kernels of the first of the backends (each also under
+    /// `Autodiff`, with and without checkpointing) that is `B`.
+    #[allow(unused_macros)]
+    macro_rules! try_backends {
+        ($($k:ty),*) => {$(
+            {
+                use burn::backend::Autodiff;
+                use burn::backend::autodiff::checkpoint::strategy::{
+                    BalancedCheckpointing, NoCheckpointing,
+                };
+                if b == TypeId::of::<$k>() {
+                    return op.with_kernels::<$k>();
+                }
+                if b == TypeId::of::<Autodiff<$k, NoCheckpointing>>() {
+                    return op.with_kernels::<Autodiff<$k, NoCheckpointing>>();
+                }
+                if b == TypeId::of::<Autodiff<$k, BalancedCheckpointing>>() {
+                    return op.with_kernels::<Autodiff<$k, BalancedCheckpointing>>();
+                }
+            }
+        )*};
     }
+    #[cfg(feature = "cpu")]
+    try_backends!(burn::backend::Flex);
+    #[cfg(feature = "wgpu")]
+    try_backends!(crate::device::WgpuBackend);
+    #[cfg(feature = "cuda")]
+    try_backends!(crate::device::CudaBackend);
     let _ = b;
     op.composed()
 }
