@@ -8,8 +8,10 @@
 //! the kernels too.
 
 use burn::backend::{Autodiff, Flex};
+#[cfg(feature = "wgpu")]
+use burn::tensor::FloatDType;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{FloatDType, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use llama_pro::core::ops::{self, AttentionShape, without_kernels};
 use llama_pro::core::rope::RotaryEmbedding;
 use llama_pro::core::{DType, LlamaConfig};
@@ -304,7 +306,7 @@ fn tiled_forward_backward_match_composition() {
             let logits = leaf([b * s, v], 10, 5.0);
             let (ids, mask) = ce_inputs::<A>(b, s, v, &dev);
             let composed = without_kernels(|| {
-                run(&[logits.clone()], &|t| {
+                run(std::slice::from_ref(&logits), &|t| {
                     ops::causal_ce(t[0].clone().reshape([b, s, v]), ids.clone(), mask.clone())
                 })
             });
@@ -328,12 +330,12 @@ fn tiled_forward_backward_match_composition() {
     let x = leaf([37, 48], 3, 2.0);
     let w = leaf([48], 4, 0.5) + 1.0;
     let composed = without_kernels(|| {
-        run(&[x.clone()], &|t| {
+        run(std::slice::from_ref(&x), &|t| {
             ops::rms_norm(t[0].clone(), w.clone(), 1e-5)
         })
     });
     let composed_w = without_kernels(|| {
-        run(&[w.clone()], &|t| {
+        run(std::slice::from_ref(&w), &|t| {
             ops::rms_norm(x.clone(), t[0].clone(), 1e-5)
         })
     });
