@@ -250,13 +250,13 @@ pub fn attention_bwd<B: Backend>(
         let dv_b = to(p, dtype).swap_dims(2, 3).matmul(dob);
         let dk_b = ds.clone().swap_dims(2, 3).matmul(qb);
         dqs.push(ds.matmul(kb).reshape([b, kv, rep, n, hd]));
+        // Accumulate into the keys' rows; the sum is taken before the assignment so that `dk`/`dv`
+        // are the only owners of their buffers then and the backend updates them in place.
         let range = [0..b, 0..kv, k0..k0 + kl, 0..hd];
-        dk = dk
-            .clone()
-            .slice_assign(range.clone(), dk.slice(range.clone()) + f32(dk_b));
-        dv = dv
-            .clone()
-            .slice_assign(range.clone(), dv.slice(range) + f32(dv_b));
+        let dk_sum = dk.clone().slice(range.clone()) + f32(dk_b);
+        dk = dk.slice_assign(range.clone(), dk_sum);
+        let dv_sum = dv.clone().slice(range.clone()) + f32(dv_b);
+        dv = dv.slice_assign(range, dv_sum);
     }
     let dq = Tensor::cat(dqs, 3).reshape([b, h, s, hd]);
     let dq = rope(f32(dq), &f32(cos.clone()), &f32(sin.clone()), true);
