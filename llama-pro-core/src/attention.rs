@@ -125,7 +125,117 @@ pub struct LayerCache<B: Backend> {
     pub v: Tensor<B, 4>,
 }
 
+/// Several documents packed into each row of a batch ("neat" packing): attention stays within
+/// a document (a block-diagonal causal mask) and positions restart at 0 in each document, so a
+/// packed row computes exactly what its documents compute one by one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Packing {
+    rows: Vec<Vec<usize>>,
+    seq: usize,
+}
+
+impl Packing {
+    /// Document lengths of each row, in order; each row's lengths sum to `seq` (padding at the
+    /// end of a row is a document of its own).
+    pub fn new(rows: Vec<Vec<usize>>, seq: usize) -> Result<Self> {
+        for (r, docs) in rows.iter().enumerate() {
+            let total: usize = docs.iter().sum();
+            if total != seq || docs.contains(&0) {
+                return Err(crate::error::CoreError::Invalid(format!(
+                    "packing: row {r} has documents {docs:?} (sum {total}), expected non-empty documents summing to {seq}"
+                )));
+            }
+        }
+        Ok(Self { rows, seq })
+    }
+
+    /// Document lengths per row.
+    pub fn rows(&self) -> &[Vec<usize>] {
+        &self.rows
+    }
+
+    /// Positions per row.
+    pub fn seq(&self) -> usize {
+        self.seq
+    }
+
+    /// The longest document.
+    pub fn max_len(&self) -> usize {
+        self.rows.iter().flatten().copied().max().unwrap_or(0)
+    }
+
+    /// True when every row is one document (nothing to split).
+    pub fn is_trivial(&self) -> bool {
+        self.rows.iter().all(|r| r.len() == 1)
+    }
+
+    /// `(first token row in the token-major batch, length)` of every document, row by row.
+    fn spans(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.rows.iter().enumerate().flat_map(move |(r, docs)| {
+            docs.iter().scan(r * self.seq, |at, &len| {
+                let start = *at;
+                *at += len;
+                Some((start, len))
+            })
+        })
+    }
+}
+
 impl<B: Backend> Attention<B> {
+    /// Attention over packed documents (see [`Packing`]): each document runs through the same
+    /// fused attention op on its own, with the RoPE tables of positions `0..len`.
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, d]`
+    /// - cos, sin: `[≥ longest document, hd]` for positions `0..`
+    /// - output: `[batch, seq, d]`
+    pub fn forward_packed(
+        &self,
+        x: Tensor<B, 3>,
+        cos: Tensor<B, 2>,
+        sin: Tensor<B, 2>,
+        packing: &Packing,
+    ) -> Tensor<B, 3> {
+        self.whole(x, cos, sin, Some(packing))
+    }
+
+    /// Whole sequences (training, evaluation, prefill without cache), or packed documents: one
+    /// fused attention op over the q/k/v projections.
+    fn whole(
+        &self,
+        x: Tensor<B, 3>,
+        cos: Tensor<B, 2>,
+        sin: Tensor<B, 2>,
+        packing: Option<&Packing>,
+    ) -> Tensor<B, 3> {
+        let [b, s, d] = x.dims();
+        let x = x.reshape([b * s, d]);
+        let q = self.q_proj.forward_2d(x.clone());
+        let k = self.k_proj.forward_2d(x.clone());
+        let v = self.v_proj.forward_2d(x);
+        let shape = AttentionShape {
+            batch: b,
+            seq: s,
+            heads: self.num_heads,
+            kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+            scale: 1.0 / (self.head_dim as f64).sqrt(),
+            window: self.sliding_window,
+        };
+        let out = match packing {
+            // One attention per document (as flash-attention's varlen kernels do): no compute
+            // on the masked-out blocks between documents.
+            Some(p) => {
+                let spans: Vec<(usize, usize)> = p.spans().collect();
+                ops::attention_packed(q, k, v, cos, sin, shape, &spans)
+            }
+            None => ops::attention(q, k, v, cos, sin, shape),
+        };
+        let y = self.o_proj.forward_2d(out);
+        let d_out = y.dims()[1];
+        y.reshape([b, s, d_out])
+    }
+
     /// # Shapes
     /// - x: `[batch, seq, d]`
     /// - cos, sin: `[seq, hd]` for the positions of `x`
@@ -140,27 +250,10 @@ impl<B: Backend> Attention<B> {
         sin: Tensor<B, 2>,
         cache: Option<&mut Option<LayerCache<B>>>,
     ) -> Tensor<B, 3> {
-        let [b, s, d] = x.dims();
+        let [b, s, _] = x.dims();
         let (h, kv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let Some(cache) = cache else {
-            // Whole sequences (training, evaluation, prefill without cache): one fused op.
-            let x = x.reshape([b * s, d]);
-            let q = self.q_proj.forward_2d(x.clone());
-            let k = self.k_proj.forward_2d(x.clone());
-            let v = self.v_proj.forward_2d(x);
-            let shape = AttentionShape {
-                batch: b,
-                seq: s,
-                heads: h,
-                kv_heads: kv,
-                head_dim: hd,
-                scale: 1.0 / (hd as f64).sqrt(),
-                window: self.sliding_window,
-            };
-            let out = ops::attention(q, k, v, cos, sin, shape);
-            let y = self.o_proj.forward_2d(out);
-            let d_out = y.dims()[1];
-            return y.reshape([b, s, d_out]);
+            return self.whole(x, cos, sin, None);
         };
         // [b, s, n·hd] → [b, n, s, hd]
         let heads = |t: Tensor<B, 3>, n: usize| t.reshape([b, s, n, hd]).swap_dims(1, 2);

@@ -3,7 +3,7 @@
 use burn::module::Module;
 use burn::tensor::{Tensor, backend::Backend};
 
-use crate::attention::{Attention, AttentionConfig, LayerCache};
+use crate::attention::{Attention, AttentionConfig, LayerCache, Packing};
 use crate::config::LlamaConfig;
 use crate::error::Result;
 use crate::mlp::{Mlp, MlpConfig};
@@ -92,10 +92,31 @@ impl<B: Backend> DecoderLayer<B> {
         sin: Tensor<B, 2>,
         cache: Option<&mut Option<LayerCache<B>>>,
     ) -> Tensor<B, 3> {
-        let h = x.clone()
-            + self
-                .self_attn
-                .forward(self.input_layernorm.forward(x), cos, sin, cache);
+        self.residual(x, |a| self.self_attn.forward(a, cos, sin, cache))
+    }
+
+    /// [`Self::forward`] over packed documents (see [`Packing`]).
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, d]`; cos, sin: `[≥ longest document, hd]`
+    /// - output: `[batch, seq, d]`
+    pub fn forward_packed(
+        &self,
+        x: Tensor<B, 3>,
+        cos: Tensor<B, 2>,
+        sin: Tensor<B, 2>,
+        packing: &Packing,
+    ) -> Tensor<B, 3> {
+        self.residual(x, |a| self.self_attn.forward_packed(a, cos, sin, packing))
+    }
+
+    /// `h = x + attn(norm₁(x))`, `y = h + mlp(norm₂(h))` with `attn` given.
+    fn residual(
+        &self,
+        x: Tensor<B, 3>,
+        attn: impl FnOnce(Tensor<B, 3>) -> Tensor<B, 3>,
+    ) -> Tensor<B, 3> {
+        let h = x.clone() + attn(self.input_layernorm.forward(x));
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }

@@ -130,6 +130,14 @@ pub enum CoreError {
         /// The directory.
         path: PathBuf,
     },
+    /// A chat template that cannot be found, parsed or rendered.
+    #[error("chat template ({origin}): {message}")]
+    Template {
+        /// Where the template came from (a file, or `built-in NAME`).
+        origin: String,
+        /// What went wrong (the template's own `raise_exception` message, or minijinja's).
+        message: String,
+    },
     /// Anything else, with a message naming the culprit.
     #[error("{0}")]
     Invalid(String),

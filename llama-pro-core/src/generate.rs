@@ -146,6 +146,22 @@ pub fn generate<B: Backend>(
     device: &B::Device,
     mut on_token: impl FnMut(u32),
 ) -> Result<Vec<u32>> {
+    generate_until(model, prompt, cfg, device, |t| {
+        on_token(t);
+        true
+    })
+}
+
+/// [`generate`] that stops when `on_token` returns `false` (e.g. when the decoded text reaches
+/// a stop string that is not a single token, such as a chat template's `<|im_end|>` for a
+/// tokenizer that does not know it).
+pub fn generate_until<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    prompt: &[u32],
+    cfg: &GenerationConfig,
+    device: &B::Device,
+    mut on_token: impl FnMut(u32) -> bool,
+) -> Result<Vec<u32>> {
     if prompt.is_empty() {
         return Err(CoreError::Invalid(
             "the prompt is empty: give at least one token".into(),
@@ -188,8 +204,8 @@ pub fn generate<B: Backend>(
         }
         let next = sampler.sample(&row);
         out.push(next);
-        on_token(next);
-        if cfg.eos_token_ids.contains(&next) {
+        let go_on = on_token(next);
+        if !go_on || cfg.eos_token_ids.contains(&next) {
             break;
         }
         all.push(next as i64);

@@ -11,6 +11,7 @@
 
 pub mod attention;
 pub mod block;
+pub mod chat;
 pub mod config;
 pub mod device;
 pub mod embedding;
@@ -29,6 +30,7 @@ pub mod save;
 pub mod tokenizer;
 pub mod weights;
 
+pub use chat::{ChatTemplate, Message};
 pub use config::{Architecture, DType, HfConfig, LlamaConfig, RopeScaling};
 pub use error::{CoreError, Result};
 pub use model::{KvCache, LlamaForCausalLM, LlamaModel};

@@ -5,7 +5,7 @@ use std::path::Path;
 use burn::module::{Module, Param, ParamId};
 use burn::tensor::{Int, Tensor, backend::Backend};
 
-use crate::attention::LayerCache;
+use crate::attention::{LayerCache, Packing};
 use crate::block::{DecoderLayer, DecoderLayerConfig};
 use crate::config::{DType, HfConfig, LlamaConfig};
 use crate::embedding::{Embedding, EmbeddingConfig};
@@ -298,6 +298,33 @@ impl<B: Backend> LlamaForCausalLM<B> {
         self.head(h)
     }
 
+    /// Logits for every position of rows that each hold several documents: attention stays
+    /// within a document and positions restart in each (see [`Packing`]). Equal to running the
+    /// documents one by one. `None` is [`Self::forward`].
+    ///
+    /// # Shapes
+    /// - input_ids: `[batch, seq]` (`seq` = `packing.seq()`)
+    /// - output: `[batch, seq, vocab]`
+    pub fn forward_packed(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        packing: Option<&Packing>,
+    ) -> Tensor<B, 3> {
+        let Some(packing) = packing.filter(|p| !p.is_trivial()) else {
+            return self.forward(input_ids);
+        };
+        let [b, s] = input_ids.dims();
+        assert_eq!(
+            (b, s),
+            (packing.rows().len(), packing.seq()),
+            "packing describes {} rows of {} positions, the batch is [{b}, {s}]",
+            packing.rows().len(),
+            packing.seq()
+        );
+        let (h, _) = self.hidden_with(input_ids, None, false, Some(packing));
+        self.head(h)
+    }
+
     /// Logits plus every block's output (for parity tests against transformers).
     pub fn forward_with_hidden(&self, input_ids: Tensor<B, 2, Int>) -> ForwardOutput<B> {
         let (h, layer_outputs) = self.hidden(input_ids, None, true);
@@ -325,8 +352,20 @@ impl<B: Backend> LlamaForCausalLM<B> {
     fn hidden(
         &self,
         input_ids: Tensor<B, 2, Int>,
+        cache: Option<&mut KvCache<B>>,
+        keep: bool,
+    ) -> (Tensor<B, 3>, Vec<Tensor<B, 3>>) {
+        self.hidden_with(input_ids, cache, keep, None)
+    }
+
+    /// Final hidden states (and every block's output with `keep`), continuing `cache`, or over
+    /// packed documents (positions restart in each: RoPE tables for `0..longest`).
+    fn hidden_with(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
         mut cache: Option<&mut KvCache<B>>,
         keep: bool,
+        packing: Option<&Packing>,
     ) -> (Tensor<B, 3>, Vec<Tensor<B, 3>>) {
         let [_, s] = input_ids.dims();
         let device = input_ids.device();
@@ -336,11 +375,17 @@ impl<B: Backend> LlamaForCausalLM<B> {
         if x.dtype() != dtype.burn() {
             x = x.cast(burn::tensor::FloatDType::from(dtype.burn()));
         }
-        let (cos, sin) = self.model.rope.tables::<B>(start, s, dtype, &device);
+        let len = packing.map_or(s, Packing::max_len);
+        let (cos, sin) = self.model.rope.tables::<B>(start, len, dtype, &device);
         let mut outs = Vec::new();
         for (i, layer) in self.model.layers.iter().enumerate() {
-            let slot = cache.as_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, cos.clone(), sin.clone(), slot);
+            x = match packing {
+                Some(p) => layer.forward_packed(x, cos.clone(), sin.clone(), p),
+                None => {
+                    let slot = cache.as_mut().map(|c| &mut c.layers[i]);
+                    layer.forward(x, cos.clone(), sin.clone(), slot)
+                }
+            };
             if keep {
                 outs.push(x.clone());
             }
@@ -420,6 +465,27 @@ pub fn causal_lm_loss_sum<B: Backend>(
 ) -> (Tensor<B, 1>, Tensor<B, 1>) {
     let count = ops::pair_mask(mask.clone()).sum();
     (ops::causal_ce(logits, input_ids, mask), count)
+}
+
+/// Sum of the causal-LM cross-entropy with per-position weights: position `t` predicts token
+/// `t+1` with weight `weights[t]` (supervised fine-tuning: 1 where token `t+1` is a trained
+/// label and starts no new packed document, else 0; the last column is ignored). Logits are
+/// upcast to f32 first. Returns `(sum of weighted token losses, sum of weights)`.
+///
+/// # Shapes
+/// - logits: `[batch, seq, vocab]`; input_ids, weights: `[batch, seq]`
+pub fn causal_lm_loss_weighted<B: Backend>(
+    logits: Tensor<B, 3>,
+    input_ids: Tensor<B, 2, Int>,
+    weights: Tensor<B, 2>,
+) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    let [_, s] = weights.dims();
+    let count = weights
+        .clone()
+        .narrow(1, 0, s - 1)
+        .cast(burn::tensor::FloatDType::F32)
+        .sum();
+    (ops::causal_ce_weighted(logits, input_ids, weights), count)
 }
 
 impl<B: burn::tensor::backend::AutodiffBackend> LlamaForCausalLM<B> {

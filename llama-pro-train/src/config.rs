@@ -237,6 +237,83 @@ impl<'de> Deserialize<'de> for Resume {
     }
 }
 
+/// How training examples fill the `seq_len` positions of a row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PackMode {
+    /// One example per row, truncated to `seq_len`, padding masked out of the loss.
+    None,
+    /// Examples joined (EOS between text documents) and cut into rows of exactly `seq_len`:
+    /// attention crosses document boundaries (classic pretraining packing).
+    Concat,
+    /// Several whole examples per row (first-fit by length), each attending only to itself, its
+    /// positions restarting at 0: the same loss and gradients as running them one by one
+    /// (LLaMA-Factory's `neat_packing`). The default for supervised fine-tuning.
+    Neat,
+}
+
+impl PackMode {
+    /// Every mode, in the order help lists them.
+    pub const ALL: [PackMode; 3] = [Self::None, Self::Concat, Self::Neat];
+
+    /// The name in settings and on the command line.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Concat => "concat",
+            Self::Neat => "neat",
+        }
+    }
+}
+
+impl fmt::Display for PackMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for PackMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "none" | "false" | "off" => Ok(Self::None),
+            "concat" | "true" | "on" => Ok(Self::Concat),
+            "neat" => Ok(Self::Neat),
+            other => Err(format!(
+                "{other:?} is not a packing mode; expected none, concat or neat"
+            )),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PackMode {
+    /// `none`, `concat`, `neat`, or (older configurations) `true` = concat, `false` = none.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Name(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bool(true) => Ok(Self::Concat),
+            Raw::Bool(false) => Ok(Self::None),
+            Raw::Name(n) => n.parse().map_err(de::Error::custom),
+        }
+    }
+}
+
+/// What the run trains on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Stage {
+    /// Continued pretraining on text (`text` / `input_ids` lines): every token is a target.
+    Pretrain,
+    /// Supervised fine-tuning on conversations (see [`crate::sft`]): the model's chat template,
+    /// loss on the answers.
+    Sft,
+}
+
 /// Everything a training run needs. Field names are the TOML keys and (with `-`) the flags.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -272,8 +349,19 @@ pub struct TrainConfig {
     pub grad_accum: usize,
     /// Tokens per sequence.
     pub seq_len: usize,
-    /// Pack documents into `seq_len` windows with EOS between them; `false`: one line = one sequence.
-    pub packing: bool,
+    /// How examples fill rows of `seq_len` tokens.
+    pub packing: PackMode,
+    /// Continued pretraining on text, or supervised fine-tuning on conversations.
+    pub stage: Stage,
+    /// `sft`: the format of the data files (detected from each file's first line by default).
+    pub format: crate::sft::ChatFormat,
+    /// `sft`: the chat template: a built-in name (chatml, llama3, mistral) or a `.jinja` file
+    /// (default: the model's own).
+    pub template: Option<String>,
+    /// `sft`: train on the prompts too, not only on the answers.
+    pub train_on_prompt: bool,
+    /// `sft`: train on the last answer of each conversation only.
+    pub mask_history: bool,
     /// Cache tokenized data in `$LLAMA_PRO_CACHE` (default `~/.cache/llama-pro/tokens`).
     pub token_cache: bool,
     /// Peak learning rate.
@@ -359,7 +447,12 @@ impl Default for TrainConfig {
             batch_size: 8,
             grad_accum: 1,
             seq_len: 512,
-            packing: true,
+            packing: PackMode::Concat,
+            stage: Stage::Pretrain,
+            format: crate::sft::ChatFormat::Auto,
+            template: None,
+            train_on_prompt: false,
+            mask_history: false,
             token_cache: true,
             lr: 2e-4,
             lr_schedule: ScheduleKind::Cosine,
@@ -391,17 +484,66 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
-    /// Read a TOML file (unknown keys are an error).
+    /// The paper's supervised fine-tuning recipe (LLaMA Pro §4.1, "SFT details"): every
+    /// parameter trains (`Method::Full`), lr 2e-5, cosine, warmup 3%, clipping at 1.0, neat
+    /// packing, loss on the answers. Set `method` to `pro` (or `trainable`) to tune only the
+    /// expanded blocks.
+    pub fn sft() -> Self {
+        Self {
+            stage: Stage::Sft,
+            method: Method::Full,
+            lr: 2e-5,
+            lr_schedule: ScheduleKind::Cosine,
+            warmup_ratio: 0.03,
+            clip_grad_norm: 1.0,
+            weight_decay: 0.0,
+            packing: PackMode::Neat,
+            ..Self::default()
+        }
+    }
+
+    /// The paper's SFT precision: bf16 mixed precision where the device computes it (GPUs), f32
+    /// on the CPU (no native bf16 matmul there: slower and no less memory-bound).
+    pub fn sft_dtype(device: DeviceSpec) -> DType {
+        match device {
+            DeviceSpec::Cpu => DType::F32,
+            _ => DType::BF16,
+        }
+    }
+
+    /// Read a TOML file (unknown keys are an error). Keys it does not set take the defaults of
+    /// its stage: [`TrainConfig::sft`] for `stage = "sft"`, else [`TrainConfig::default`].
     pub fn from_toml(path: &Path) -> Result<Self> {
+        Self::from_toml_over(path, None)
+    }
+
+    /// [`Self::from_toml`] with the defaults of `base` (`None`: those of the file's stage).
+    pub fn from_toml_over(path: &Path, base: Option<Self>) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io {
             path: path.to_path_buf(),
             source,
         })?;
-        toml::from_str(&text).map_err(|e| TrainError::Data {
+        let invalid = |e: String| TrainError::Data {
             path: path.to_path_buf(),
             line: 0,
             message: format!("invalid training config: {e}"),
-        })
+        };
+        let table: toml::Table = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        Self::from_table(table, base).map_err(invalid)
+    }
+
+    /// A configuration from a TOML table over the defaults of `base` (`None`: those of the
+    /// table's `stage`).
+    pub fn from_table(table: toml::Table, base: Option<Self>) -> std::result::Result<Self, String> {
+        let base = base.unwrap_or_else(|| match table.get("stage").and_then(|v| v.as_str()) {
+            Some("sft") => Self::sft(),
+            _ => Self::default(),
+        });
+        let mut merged = toml::Table::try_from(&base).map_err(|e| e.to_string())?;
+        merged.extend(table);
+        merged
+            .try_into()
+            .map_err(|e: toml::de::Error| e.to_string())
     }
 
     /// The configuration as TOML (what `train` saves into the run directory).
@@ -423,6 +565,14 @@ impl TrainConfig {
         }
         if self.data.is_empty() {
             return bad("data", "give at least one training file".into());
+        }
+        if self.stage == Stage::Sft {
+            crate::sft::LabelMode::from_flags(self.train_on_prompt, self.mask_history)?;
+        } else if self.train_on_prompt || self.mask_history || self.template.is_some() {
+            return bad(
+                "stage",
+                "train_on_prompt, mask_history and template apply to supervised fine-tuning (stage = \"sft\")".into(),
+            );
         }
         if let Some(d) = self.data.iter().find(|d| !finite_pos(d.weight)) {
             return bad(

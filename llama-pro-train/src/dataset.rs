@@ -9,10 +9,149 @@ use rand::{Rng, SeedableRng, seq::SliceRandom};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::config::DataSource;
+use crate::config::{DataSource, PackMode};
 use crate::data::{existing, read_sequences};
 use crate::error::{Result, TrainError};
-use crate::trainer::Observer;
+use crate::sft::{ChatFormat, Encoder};
+use crate::trainer::{Event, Observer};
+
+/// One training example: a row of token ids, which of them are trained, and the documents it
+/// holds when several are packed into it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Example {
+    /// Token ids.
+    pub ids: Vec<u32>,
+    /// Per token: is it a target of the loss (predicted from the token before it). `None`: every
+    /// token (pretraining).
+    pub targets: Option<Vec<bool>>,
+    /// Lengths of the documents packed in this example, in order (they sum to `ids.len()`); empty
+    /// for one document. Attention stays within a document and positions restart in each.
+    pub docs: Vec<usize>,
+}
+
+impl Example {
+    /// A pretraining example: every token trained, one document.
+    pub fn text(ids: Vec<u32>) -> Self {
+        Self {
+            ids,
+            targets: None,
+            docs: vec![],
+        }
+    }
+
+    /// Tokens.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// True when there is no token.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Whether token `t` is a target: trained, and not the first token of a document.
+    pub fn is_target(&self, t: usize) -> bool {
+        if t == 0 || t >= self.ids.len() {
+            return false;
+        }
+        if self.docs.len() > 1 {
+            let mut start = 0;
+            for &d in &self.docs {
+                if start == t {
+                    return false;
+                }
+                start += d;
+                if start > t {
+                    break;
+                }
+            }
+        }
+        self.targets.as_ref().is_none_or(|m| m[t])
+    }
+
+    /// Number of tokens the loss covers.
+    pub fn num_targets(&self) -> usize {
+        (1..self.ids.len()).filter(|&t| self.is_target(t)).count()
+    }
+}
+
+/// Pack examples into rows of at most `seq_len` tokens, whole examples only, by first-fit in
+/// order of decreasing length (LLaMA-Factory's knapsack for `neat_packing`); ties keep the input
+/// order, so the result depends only on the input.
+pub fn pack_neat(examples: Vec<Example>, seq_len: usize) -> Vec<Example> {
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(examples[i].len()));
+    let mut bins: Vec<(usize, Vec<usize>)> = Vec::new();
+    for i in order {
+        let n = examples[i].len();
+        match bins.iter_mut().find(|(used, _)| used + n <= seq_len) {
+            Some((used, items)) => {
+                *used += n;
+                items.push(i);
+            }
+            None => bins.push((n, vec![i])),
+        }
+    }
+    bins.into_iter()
+        .map(|(_, items)| {
+            let mut row = Example::default();
+            let any_targets = items.iter().any(|&i| examples[i].targets.is_some());
+            let mut targets = Vec::new();
+            for i in items {
+                let e = &examples[i];
+                row.ids.extend_from_slice(&e.ids);
+                match &e.targets {
+                    Some(t) => targets.extend_from_slice(t),
+                    None => targets.extend(std::iter::repeat_n(true, e.len())),
+                }
+                if e.docs.is_empty() {
+                    row.docs.push(e.len());
+                } else {
+                    row.docs.extend_from_slice(&e.docs);
+                }
+            }
+            if any_targets {
+                row.targets = Some(targets);
+            }
+            if row.docs.len() == 1 {
+                row.docs.clear();
+            }
+            row
+        })
+        .collect()
+}
+
+/// Join examples into one stream and cut it into rows of exactly `seq_len` tokens (the last
+/// partial row is dropped unless it is the only one); attention crosses the joins.
+pub fn pack_concat(examples: Vec<Example>, seq_len: usize) -> Vec<Example> {
+    let any_targets = examples.iter().any(|e| e.targets.is_some());
+    let mut ids = Vec::new();
+    let mut targets = Vec::new();
+    for e in examples {
+        targets.extend(match e.targets {
+            Some(t) => t,
+            None => vec![true; e.ids.len()],
+        });
+        ids.extend(e.ids);
+    }
+    let mut rows: Vec<Example> = ids
+        .chunks_exact(seq_len)
+        .zip(targets.chunks_exact(seq_len))
+        .map(|(i, t)| Example {
+            ids: i.to_vec(),
+            targets: any_targets.then(|| t.to_vec()),
+            docs: vec![],
+        })
+        .collect();
+    if rows.is_empty() {
+        rows.push(Example {
+            ids,
+            targets: any_targets.then_some(targets),
+            docs: vec![],
+        });
+    }
+    rows
+}
 
 /// One training source: its windows and mixture weight.
 #[derive(Debug, Clone)]
@@ -23,8 +162,19 @@ pub struct Source {
     pub weight: f64,
     /// Size and SHA-256 of the file.
     pub digest: crate::data::FileDigest,
-    /// Training examples (token ids, at most `seq_len` long).
-    pub windows: Vec<Vec<u32>>,
+    /// Training examples (at most `seq_len` tokens each).
+    pub windows: Vec<Example>,
+}
+
+/// How instruction files are read for supervised fine-tuning.
+#[derive(Debug, Clone, Copy)]
+pub struct ChatData<'a> {
+    /// The model's template and tokenizer (`None`: only pre-tokenized lines can be read).
+    pub encoder: Option<&'a Encoder<'a>>,
+    /// The files' format.
+    pub format: ChatFormat,
+    /// Why there is no encoder (for the error at the first conversation).
+    pub missing: &'a str,
 }
 
 /// How data files become training examples for one model.
@@ -38,19 +188,26 @@ pub struct DataContext<'a> {
     pub vocab_size: usize,
     /// Tokens per window.
     pub seq_len: usize,
-    /// Pack documents into full windows (EOS between them) instead of one per line.
-    pub packing: bool,
+    /// How examples fill rows ([`PackMode::Neat`] packing happens after the validation split,
+    /// in [`pack_neat`]: here each document stays an example of its own).
+    pub packing: PackMode,
+    /// Supervised fine-tuning: how instruction files are read.
+    pub chat: Option<ChatData<'a>>,
     /// The separator when packing.
     pub eos: Option<u32>,
     /// The token cache directory, if caching.
     pub cache: Option<&'a Path>,
 }
 
-/// Read a source: every document tokenized; with `packing`, documents joined with `eos` between
-/// them and cut into windows of exactly `seq_len` tokens (a last partial window is dropped unless
-/// it is the only one), else one window per document, truncated to `seq_len`.
-/// Documents are read through the token cache when `ctx.cache` is set (see
-/// [`read_documents_cached`](crate::data::read_documents_cached)).
+/// Read a source. Text: every document tokenized; with [`PackMode::Concat`], documents joined
+/// with `eos` between them and cut into windows of exactly `seq_len` tokens (a last partial
+/// window is dropped unless it is the only one); with [`PackMode::Neat`], each document with its
+/// `eos` an example (longer ones cut into `seq_len` pieces), packed later by [`pack_neat`]; with
+/// [`PackMode::None`], one window per document, truncated to `seq_len`. Documents are read
+/// through the token cache when `ctx.cache` is set (see
+/// [`read_documents_cached`](crate::data::read_documents_cached)). Supervised fine-tuning
+/// (`ctx.chat`): conversations encoded with their labels ([`crate::sft::load_examples`]), joined
+/// and cut with `Concat`, else one example each.
 pub fn load_source(
     source: &DataSource,
     ctx: &DataContext<'_>,
@@ -58,6 +215,45 @@ pub fn load_source(
 ) -> Result<Source> {
     let path = existing(&source.path)?;
     let digest = crate::data::file_digest(&path)?;
+    if let Some(chat) = ctx.chat {
+        let (encoded, stats) = crate::sft::load_examples(
+            &path,
+            chat.format,
+            chat.encoder,
+            chat.missing,
+            ctx.vocab_size,
+            ctx.seq_len,
+        )?;
+        observer.on_event(&Event::Info(&format!(
+            "{}: {} conversations, {} tokens of which {} trained ({:.0}%); {} cut at seq_len {}, {} dropped (no trained token left)",
+            path.display(),
+            stats.kept,
+            stats.tokens,
+            stats.trained_tokens,
+            100.0 * stats.trained_tokens as f64 / stats.tokens.max(1) as f64,
+            stats.truncated,
+            ctx.seq_len,
+            stats.dropped
+        )));
+        let examples: Vec<Example> = encoded
+            .into_iter()
+            .map(|e| Example {
+                targets: Some(e.targets()),
+                ids: e.input_ids,
+                docs: vec![],
+            })
+            .collect();
+        let windows = match ctx.packing {
+            PackMode::Concat => pack_concat(examples, ctx.seq_len),
+            PackMode::None | PackMode::Neat => examples,
+        };
+        return Ok(Source {
+            path,
+            weight: source.weight,
+            digest,
+            windows,
+        });
+    }
     let mut docs = match ctx.cache {
         Some(dir) => crate::data::read_documents_cached_as(
             &path,
@@ -71,10 +267,17 @@ pub fn load_source(
         None => read_sequences(&path, ctx.tokenizer, ctx.vocab_size, usize::MAX)?,
     };
     let seq_len = ctx.seq_len;
-    if !ctx.packing {
-        docs.iter_mut().for_each(|d| d.truncate(seq_len));
-    }
-    let windows = if ctx.packing {
+    let windows = if ctx.packing == PackMode::Neat {
+        // Each document with its EOS is an example; longer ones are cut into seq_len pieces.
+        let mut w = Vec::new();
+        for mut d in docs {
+            if let Some(e) = ctx.eos {
+                d.push(e);
+            }
+            w.extend(d.chunks(seq_len).map(<[u32]>::to_vec));
+        }
+        w
+    } else if ctx.packing == PackMode::Concat {
         let mut stream: Vec<u32> = Vec::with_capacity(docs.iter().map(|d| d.len() + 1).sum());
         for d in docs {
             stream.extend_from_slice(&d);
@@ -88,9 +291,14 @@ pub fn load_source(
         }
         w
     } else {
+        docs.iter_mut().for_each(|d| d.truncate(seq_len));
         docs
     };
-    let windows: Vec<Vec<u32>> = windows.into_iter().filter(|w| w.len() >= 2).collect();
+    let windows: Vec<Example> = windows
+        .into_iter()
+        .filter(|w| w.len() >= 2)
+        .map(Example::text)
+        .collect();
     if windows.is_empty() {
         return Err(TrainError::Data {
             path,
@@ -113,7 +321,7 @@ pub fn split_validation(
     sources: &mut [Source],
     fraction: f64,
     seed: u64,
-) -> (Vec<Vec<u32>>, Vec<usize>) {
+) -> (Vec<Example>, Vec<usize>) {
     let mut val = Vec::new();
     let mut taken = Vec::new();
     for (i, s) in sources.iter_mut().enumerate() {
@@ -199,7 +407,7 @@ impl ExampleStream {
 
     /// The next example: the source is drawn by weight with an RNG seeded by (seed, example
     /// number); within a source, windows come in a seeded permutation per pass.
-    pub fn next_example(&mut self) -> Vec<u32> {
+    pub fn next_example(&mut self) -> Example {
         let k = self.cursor.drawn;
         let s = if self.sources.len() == 1 {
             0
@@ -240,7 +448,7 @@ impl ExampleStream {
     }
 
     /// The next `n` examples.
-    pub fn next_batch(&mut self, n: usize) -> Vec<Vec<u32>> {
+    pub fn next_batch(&mut self, n: usize) -> Vec<Example> {
         (0..n).map(|_| self.next_example()).collect()
     }
 }

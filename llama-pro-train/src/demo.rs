@@ -4,8 +4,13 @@
 //! source code) with the same token budget five ways: LLaMA Pro block expansion (interleaved
 //! identity blocks, only they train), full fine-tuning, LoRA, and the paper's prefix and suffix
 //! stacking (the same number of identity blocks, all at the bottom or all at the top). Every
-//! run is evaluated on held-out general and domain text before, during and after training;
-//! the result is a table, a PNG of the losses and a JSON report.
+//! run is evaluated on held-out general and domain text before, during and after training.
+//!
+//! Then the paper's second stage (LLaMA Pro - Instruct): the LLaMA Pro model and the base are
+//! each fine-tuned on the same small instruction set (`instruct-train.jsonl`, made by
+//! `scripts/make_instruct.py` from the same corpora) with the library's SFT recipe, and their
+//! loss on the answers of held-out conversations (`instruct-valid.jsonl`) is compared before and
+//! after, with a few greedy answers. The result is a table, a PNG of the losses and a JSON report.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,15 +18,19 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use llama_pro_core::burn::tensor::backend::AutodiffBackend;
+use llama_pro_core::burn::tensor::backend::Backend;
 use llama_pro_core::device::{
-    DeviceSpec, OnAutodiffBackend, dispatch_autodiff, verify_identity_on,
+    DeviceSpec, OnAutodiffBackend, OnBackend, dispatch, dispatch_autodiff, verify_identity_on,
 };
 use llama_pro_core::expand::{ExpansionPlan, expand_checkpoint};
+use llama_pro_core::generate::{GenerationConfig, generate};
 use llama_pro_core::save::{SaveOptions, write_json};
+use llama_pro_core::{ChatTemplate, HfConfig, LlamaForCausalLM, Message, Tokenizer};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{DataSource, EvalSet, Method, TrainConfig};
 use crate::error::{Result, TrainError};
+use crate::sft::{ChatFormat, Record, read_records};
 use crate::trainer::{EvalPoint, Event, Observer, TrainReport, train};
 
 /// A way of adding the domain.
@@ -86,10 +95,12 @@ impl std::str::FromStr for DemoMethod {
 }
 
 /// Settings of the demo. [`DemoConfig::default`] is the ~2-minute run, [`DemoConfig::quick`]
-/// the ~25-second one (CI), on 2 CPU cores.
+/// the ~35-second one (CI), on 2 CPU cores (each with the SFT stage).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
 pub struct DemoConfig {
-    /// Directory with `base/`, `{general,domain}-{train,valid}.jsonl`.
+    /// Directory with `base/`, `{general,domain}-{train,valid}.jsonl` and (for the SFT stage)
+    /// `instruct-{train,valid}.jsonl`.
     pub data_dir: PathBuf,
     /// Where runs, the plot and the report go.
     pub output: PathBuf,
@@ -117,6 +128,21 @@ pub struct DemoConfig {
     pub seed: u64,
     /// The device.
     pub device: DeviceSpec,
+    /// Run the SFT stage (LLaMA Pro - Instruct) after the post-pretraining methods.
+    pub sft: bool,
+    /// SFT: optimizer steps of each fine-tuned model (the same budget for both; `batch_size`
+    /// rows of `sft_seq_len` tokens, conversations neat-packed).
+    pub sft_steps: usize,
+    /// SFT: tokens per row.
+    pub sft_seq_len: usize,
+    /// SFT: peak learning rate (the paper's 2e-5 is for a 8 B model; this toy model needs more).
+    pub sft_lr: f64,
+    /// SFT: held-out conversations evaluated (`None`: all of `instruct-valid.jsonl`).
+    pub sft_eval_conversations: Option<usize>,
+    /// SFT: greedy answers to the first held-out prompts.
+    pub sft_answers: usize,
+    /// SFT: new tokens at most per answer.
+    pub sft_answer_tokens: usize,
 }
 
 impl Default for DemoConfig {
@@ -137,19 +163,41 @@ impl Default for DemoConfig {
             max_general_change_pct: 5.0,
             seed: 0,
             device: DeviceSpec::Cpu,
+            sft: true,
+            sft_steps: 60,
+            sft_seq_len: 256,
+            sft_lr: 1e-3,
+            sft_eval_conversations: None,
+            sft_answers: 3,
+            sft_answer_tokens: 24,
         }
     }
 }
 
 impl DemoConfig {
-    /// The CI-sized demo (~25 s on 2 CPU cores).
+    /// The CI-sized demo (~35 s on 2 CPU cores).
     pub fn quick() -> Self {
         Self {
             steps: 30,
             evals_during: 2,
             eval_sequences: 16,
+            sft_steps: 30,
             ..Self::default()
         }
+    }
+
+    /// Models the SFT stage fine-tunes: LLaMA Pro's (when it is among the methods) and the base;
+    /// none with `sft` off.
+    pub fn sft_models(&self) -> usize {
+        match self.sft {
+            true => 1 + usize::from(self.methods.contains(&DemoMethod::Pro)),
+            false => 0,
+        }
+    }
+
+    /// Optimizer steps of the whole demo (every method, then the SFT stage): for a progress bar.
+    pub fn total_steps(&self) -> usize {
+        self.steps * self.methods.len() + self.sft_steps * self.sft_models()
     }
 }
 
@@ -200,6 +248,79 @@ impl DemoRun {
     }
 }
 
+/// A greedy answer to a held-out prompt.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SftAnswer {
+    /// The user's message.
+    pub prompt: String,
+    /// The held-out conversation's answer.
+    pub reference: String,
+    /// What the model answered: its first line, cut at the end-of-turn marker (every answer of
+    /// the instruction set is one line).
+    pub answer: String,
+    /// Everything it generated (at most `sft_answer_tokens` tokens), the end-of-turn marker
+    /// included when it wrote one.
+    pub generated: String,
+}
+
+/// One model's supervised fine-tuning.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SftRun {
+    /// Which model: `llama-pro` (the output of the `pro` method) or `base`.
+    pub model: String,
+    /// The directory it started from.
+    pub from: PathBuf,
+    /// The fine-tuned model (HuggingFace directory).
+    pub model_dir: Option<PathBuf>,
+    /// Trainable parameters (every one: the SFT recipe is full fine-tuning).
+    pub trainable_params: usize,
+    /// Layers.
+    pub layers: usize,
+    /// Loss on the answers of the held-out conversations before SFT.
+    pub answer_loss_before: f64,
+    /// The same after SFT.
+    pub answer_loss_after: f64,
+    /// Every evaluation of the run (set `answers`).
+    pub evals: Vec<EvalPoint>,
+    /// Training loss per step (on the answers of the training conversations).
+    pub train_losses: Vec<f64>,
+    /// Tokens trained on (non-padding positions of every row).
+    pub tokens: usize,
+    /// Wall time of the run, seconds.
+    pub seconds: f64,
+    /// Greedy answers of the fine-tuned model to the first held-out prompts.
+    pub answers: Vec<SftAnswer>,
+}
+
+impl SftRun {
+    /// Relative change of the held-out answer loss, in percent.
+    pub fn change_pct(&self) -> f64 {
+        100.0 * (self.answer_loss_after - self.answer_loss_before) / self.answer_loss_before
+    }
+}
+
+/// The SFT stage (LLaMA Pro - Instruct): every model fine-tuned on the same conversations with
+/// the same recipe and budget.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SftReport {
+    /// Training conversations.
+    pub train_file: PathBuf,
+    /// Held-out conversations.
+    pub valid_file: PathBuf,
+    /// The recipe: [`TrainConfig::sft`] with the demo's steps, batch, row length and lr.
+    pub steps: usize,
+    /// Rows per step.
+    pub batch_size: usize,
+    /// Tokens per row.
+    pub seq_len: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Chat template.
+    pub template: String,
+    /// Runs in order: LLaMA Pro's model (when the `pro` method ran), then the base.
+    pub runs: Vec<SftRun>,
+}
+
 /// The demo's result (also written as `demo.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DemoReport {
@@ -209,30 +330,83 @@ pub struct DemoReport {
     pub tokens_per_method: usize,
     /// Runs in order.
     pub runs: Vec<DemoRun>,
-    /// Whether LLaMA Pro's checks passed (identity before training, general-loss bound).
+    /// The SFT stage (`None` when switched off).
+    #[serde(default)]
+    pub sft: Option<SftReport>,
+    /// Whether the checks passed: LLaMA Pro's (identity before training, general-loss bound)
+    /// and the SFT stage's (every fine-tuned model's held-out answer loss went down).
     pub passed: bool,
     /// What the checks found.
     pub verdict: Vec<String>,
 }
 
-/// One method's training run; only its steps reach the demo's observer (its set-up messages
-/// would repeat five times).
+/// One training run (a method, or a model's SFT); only its steps reach the demo's observer (its
+/// set-up messages would repeat for every run).
 struct DemoTrain<'a> {
     cfg: TrainConfig,
     observer: &'a mut dyn Observer,
 }
 
 impl OnAutodiffBackend for DemoTrain<'_> {
-    type Output = Result<TrainReport>;
+    /// The report and the tokens trained on.
+    type Output = Result<(TrainReport, usize)>;
     fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
         let stop = AtomicBool::new(false);
         let outer = self.observer;
+        let mut tokens = 0;
         let mut steps = |e: &Event<'_>| {
-            if let Event::Step(_) = e {
+            if let Event::Step(m) = e {
+                tokens += m.tokens;
                 outer.on_event(e)
             }
         };
-        train::<B>(self.cfg, &device, &mut steps, &stop)
+        let r = train::<B>(self.cfg, &device, &mut steps, &stop)?;
+        Ok((r, tokens))
+    }
+}
+
+/// The answer in a generated text: its first line, up to the end-of-turn marker. ChatML's
+/// markers are plain text for the demo's tokenizer (several tokens each), which a briefly tuned
+/// model may write incompletely: the answer ends at the first `<|` or line break.
+pub fn answer_of(generated: &str) -> &str {
+    let end = ["<|", "\n"]
+        .iter()
+        .filter_map(|m| generated.find(m))
+        .min()
+        .unwrap_or(generated.len());
+    generated[..end].trim()
+}
+
+/// Greedy answers of a model directory to user prompts, through a chat template.
+struct Answers<'a> {
+    dir: &'a Path,
+    template: &'a str,
+    prompts: &'a [String],
+    max_new_tokens: usize,
+}
+
+impl OnBackend for Answers<'_> {
+    /// Per prompt: the whole generated text.
+    type Output = Result<Vec<String>>;
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let (model, hf) = LlamaForCausalLM::<B>::from_pretrained(self.dir, &device, None)?;
+        let tok = Tokenizer::from_dir(self.dir, hf.config.bos_token_id, &hf.config.eos_token_ids)?;
+        let template = ChatTemplate::load(self.dir, Some(self.template))?;
+        let cfg = GenerationConfig {
+            max_new_tokens: self.max_new_tokens,
+            temperature: 0.0,
+            eos_token_ids: tok.eos_token_ids.clone(),
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        for q in self.prompts {
+            let text = template.render(&[Message::new("user", q.as_str())], true)?;
+            let ids = tok.encode(&text, false)?;
+            let mut new = generate(&model, &ids, &cfg, &device, |_| {})?;
+            new.retain(|t| !cfg.eos_token_ids.contains(t));
+            out.push(tok.decode(&new)?);
+        }
+        Ok(out)
     }
 }
 
@@ -251,20 +425,47 @@ fn data_file(dir: &Path, name: &str) -> Result<PathBuf> {
 }
 
 /// Run the demo: expansions with identity checks, one training run per method, evaluation,
-/// table, plot (with the `plot` feature) and report, telling `observer` what happens (an
-/// [`Event::Phase`] per method, then its steps). The report says whether LLaMA Pro's expanded
-/// model was the identity and its general loss stayed within the configured bound.
+/// then (with `sft`) the SFT stage on LLaMA Pro's trained model and the base, table, plot (with
+/// the `plot` feature) and report, telling `observer` what happens (an [`Event::Phase`] per
+/// run, then its steps). The report says whether LLaMA Pro's expanded model was the identity,
+/// its general loss stayed within the configured bound and SFT lowered the held-out answer
+/// loss.
 pub fn run_demo(cfg: &DemoConfig, observer: &mut dyn Observer) -> Result<DemoReport> {
     let base = data_file(&cfg.data_dir, "base")?;
     let domain_train = data_file(&cfg.data_dir, "domain-train.jsonl")?;
     let general_valid = data_file(&cfg.data_dir, "general-valid.jsonl")?;
     let domain_valid = data_file(&cfg.data_dir, "domain-valid.jsonl")?;
+    let instruct = if cfg.sft {
+        let file = |name: &str| {
+            let p = cfg.data_dir.join(name);
+            match p.exists() {
+                true => Ok(p),
+                false => Err(TrainError::setting(
+                    "sft",
+                    format!(
+                        "{}: missing; the SFT stage needs the instruction set shipped in the repository's \
+                         data/ (python3 scripts/make_instruct.py writes it), or switch it off (--no-sft)",
+                        p.display()
+                    ),
+                )),
+            }
+        };
+        Some((file("instruct-train.jsonl")?, file("instruct-valid.jsonl")?))
+    } else {
+        None
+    };
     let device = cfg.device;
     if cfg.methods.is_empty() {
         return Err(TrainError::setting("methods", "give at least one method"));
     }
     if cfg.steps == 0 {
         return Err(TrainError::setting("steps", "must be at least 1"));
+    }
+    if cfg.sft && cfg.sft_steps == 0 {
+        return Err(TrainError::setting(
+            "sft_steps",
+            "must be at least 1 (or switch the SFT stage off)",
+        ));
     }
     std::fs::create_dir_all(&cfg.output).map_err(|source| TrainError::Io {
         path: cfg.output.clone(),
@@ -293,6 +494,8 @@ pub fn run_demo(cfg: &DemoConfig, observer: &mut dyn Observer) -> Result<DemoRep
     let mut runs = Vec::new();
     let mut verdict = Vec::new();
     let mut passed = true;
+    // LLaMA Pro's trained model: where the SFT stage starts.
+    let mut pro_model = None;
     for &m in &cfg.methods {
         let name = m.name();
         observer.on_event(&Event::Phase(name));
@@ -378,7 +581,7 @@ pub fn run_demo(cfg: &DemoConfig, observer: &mut dyn Observer) -> Result<DemoRep
             ..TrainConfig::default()
         };
         let start = Instant::now();
-        let r = dispatch_autodiff(
+        let (r, _) = dispatch_autodiff(
             device,
             DemoTrain {
                 cfg: train_cfg,
@@ -386,6 +589,9 @@ pub fn run_demo(cfg: &DemoConfig, observer: &mut dyn Observer) -> Result<DemoRep
             },
         )??;
         let seconds = start.elapsed().as_secs_f64();
+        if m == DemoMethod::Pro {
+            pro_model = r.model_dir.clone();
+        }
         let run = DemoRun {
             method: name.into(),
             trainable_params: r.trainable_params,
@@ -420,10 +626,35 @@ pub fn run_demo(cfg: &DemoConfig, observer: &mut dyn Observer) -> Result<DemoRep
         }
         runs.push(run);
     }
+    let sft = match &instruct {
+        Some((train_file, valid_file)) => {
+            let mut models = Vec::new();
+            if let Some(dir) = &pro_model {
+                models.push((DemoMethod::Pro.name(), dir.clone()));
+            }
+            models.push(("base", base.clone()));
+            let s = run_sft(cfg, train_file, valid_file, &models, observer)?;
+            for run in &s.runs {
+                let ok = run.answer_loss_after < run.answer_loss_before;
+                let line = format!(
+                    "sft {}: held-out answer loss {:.3} -> {:.3} ({:+.1}%)",
+                    run.model,
+                    run.answer_loss_before,
+                    run.answer_loss_after,
+                    run.change_pct()
+                );
+                passed &= ok;
+                verdict.push(format!("{} {line}", if ok { "ok  " } else { "FAIL" }));
+            }
+            Some(s)
+        }
+        None => None,
+    };
     let report = DemoReport {
         config: cfg.clone(),
         tokens_per_method: tokens,
         runs,
+        sft,
         passed,
         verdict,
     };
@@ -433,6 +664,140 @@ pub fn run_demo(cfg: &DemoConfig, observer: &mut dyn Observer) -> Result<DemoRep
     #[cfg(feature = "plot")]
     plot_demo(&report, &cfg.output.join("forgetting.png"))?;
     Ok(report)
+}
+
+/// The name of the SFT evaluation set: the answers of the held-out conversations.
+const ANSWERS: &str = "answers";
+
+/// The SFT stage: each model of `models` (name, directory) fine-tuned on `train_file` with the
+/// library's recipe ([`TrainConfig::sft`]: every parameter, cosine, 3% warmup, clipping, neat
+/// packing, loss on the answers) and the same budget, evaluated on the answers of `valid_file`
+/// before and after; greedy answers of each fine-tuned model to the first held-out prompts.
+fn run_sft(
+    cfg: &DemoConfig,
+    train_file: &Path,
+    valid_file: &Path,
+    models: &[(&str, PathBuf)],
+    observer: &mut dyn Observer,
+) -> Result<SftReport> {
+    let template = "chatml";
+    // The first held-out conversations: prompts for the greedy answers.
+    let held_out: Vec<(String, String)> = read_records(valid_file, ChatFormat::Auto)?
+        .into_iter()
+        .filter_map(|(_, r)| match r {
+            Record::Chat(m) => {
+                let q = m.iter().find(|m| m.role == "user")?;
+                let a = m.iter().find(|m| m.role == "assistant")?;
+                Some((q.content.clone(), a.content.clone()))
+            }
+            Record::Tokens { .. } => None,
+        })
+        .take(cfg.sft_answers)
+        .collect();
+    let prompts: Vec<String> = held_out.iter().map(|(q, _)| q.clone()).collect();
+    observer.on_event(&Event::Info(&format!(
+        "SFT (LLaMA Pro - Instruct): {} fine-tuned on {} ({} steps x {} rows of {} tokens, conversations \
+         neat-packed, {template} template, lr {:e}, every parameter); held-out answer loss on {}",
+        models
+            .iter()
+            .map(|(n, _)| *n)
+            .collect::<Vec<_>>()
+            .join(" and "),
+        train_file.display(),
+        cfg.sft_steps,
+        cfg.batch_size,
+        cfg.sft_seq_len,
+        cfg.sft_lr,
+        valid_file.display()
+    )));
+    let mut runs = Vec::new();
+    for (name, dir) in models {
+        observer.on_event(&Event::Phase(&format!("sft {name}")));
+        let train_cfg = TrainConfig {
+            model: dir.clone(),
+            data: vec![DataSource::new(train_file)],
+            output: cfg.output.join("runs").join(format!("sft-{name}")),
+            template: Some(template.into()),
+            max_steps: Some(cfg.sft_steps),
+            batch_size: cfg.batch_size,
+            seq_len: cfg.sft_seq_len,
+            lr: cfg.sft_lr,
+            eval: vec![EvalSet {
+                name: ANSWERS.into(),
+                path: valid_file.to_path_buf(),
+            }],
+            eval_max_sequences: cfg.sft_eval_conversations,
+            eval_every: 0,
+            log_every: 0,
+            keep: 1,
+            overwrite: true,
+            seed: cfg.seed,
+            device: cfg.device,
+            ..TrainConfig::sft()
+        };
+        let start = Instant::now();
+        let (r, tokens) = dispatch_autodiff(
+            cfg.device,
+            DemoTrain {
+                cfg: train_cfg,
+                observer: &mut *observer,
+            },
+        )??;
+        let seconds = start.elapsed().as_secs_f64();
+        let answers = match &r.model_dir {
+            Some(out) if !prompts.is_empty() => dispatch(
+                cfg.device,
+                Answers {
+                    dir: out,
+                    template,
+                    prompts: &prompts,
+                    max_new_tokens: cfg.sft_answer_tokens,
+                },
+            )??,
+            _ => vec![],
+        };
+        let loss = |e: Option<&EvalPoint>| e.map_or(f64::NAN, |e| loss_of(&e.loss, ANSWERS));
+        let run = SftRun {
+            model: name.to_string(),
+            from: dir.clone(),
+            model_dir: r.model_dir.clone(),
+            trainable_params: r.trainable_params,
+            layers: HfConfig::from_path(dir)?.config.num_hidden_layers,
+            answer_loss_before: loss(r.evals.first()),
+            answer_loss_after: loss(r.evals.last()),
+            evals: r.evals,
+            train_losses: r.losses,
+            tokens,
+            seconds,
+            answers: held_out
+                .iter()
+                .zip(answers)
+                .map(|((q, a), generated)| SftAnswer {
+                    prompt: q.clone(),
+                    reference: a.clone(),
+                    answer: answer_of(&generated).to_string(),
+                    generated,
+                })
+                .collect(),
+        };
+        observer.on_event(&Event::Info(&format!(
+            "sft {name}: held-out answer loss {:.3} -> {:.3} ({:+.1}%), {seconds:.0} s",
+            run.answer_loss_before,
+            run.answer_loss_after,
+            run.change_pct()
+        )));
+        runs.push(run);
+    }
+    Ok(SftReport {
+        train_file: train_file.to_path_buf(),
+        valid_file: valid_file.to_path_buf(),
+        steps: cfg.sft_steps,
+        batch_size: cfg.batch_size,
+        seq_len: cfg.sft_seq_len,
+        lr: cfg.sft_lr,
+        template: template.into(),
+        runs,
+    })
 }
 
 /// Loss of evaluation set `k` (NaN when missing).
@@ -470,6 +835,57 @@ pub fn demo_table(r: &DemoReport) -> String {
             run.change_pct("general"),
             run.seconds
         );
+    }
+    if let Some(sft) = &r.sft {
+        s += "\n";
+        s += &sft_table(sft);
+    }
+    s
+}
+
+/// The SFT stage's table (held-out answer loss before and after) and the greedy answers.
+pub fn sft_table(r: &SftReport) -> String {
+    let mut s = format!(
+        "SFT (LLaMA Pro - Instruct): {} steps x {} x {} tokens, lr {:e}, every parameter\n",
+        r.steps, r.batch_size, r.seq_len, r.lr
+    );
+    s += &format!(
+        "{:<10} {:>10} {:>6} | {:>12} {:>7} {:>8} | {:>8} | {:>6}\n",
+        "model", "trainable", "layers", "answer loss", "after", "change", "tokens", "time"
+    );
+    s += &format!("{}\n", "-".repeat(80));
+    for run in &r.runs {
+        s += &format!(
+            "{:<10} {:>10} {:>6} | {:>12.3} {:>7.3} {:>+7.1}% | {:>8} | {:>5.0}s\n",
+            run.model,
+            run.trainable_params,
+            run.layers,
+            run.answer_loss_before,
+            run.answer_loss_after,
+            run.change_pct(),
+            run.tokens,
+            run.seconds
+        );
+    }
+    let Some(first) = r.runs.first() else {
+        return s;
+    };
+    let one_line = |t: &str| t.replace('\n', " | ");
+    for (i, a) in first.answers.iter().enumerate() {
+        s += &format!(
+            "\nQ: {}\n   reference: {}\n",
+            one_line(&a.prompt),
+            a.reference
+        );
+        for run in &r.runs {
+            if let Some(b) = run.answers.get(i) {
+                s += &format!(
+                    "   {:<10} {}\n",
+                    format!("{}:", run.model),
+                    one_line(&b.answer)
+                );
+            }
+        }
     }
     s
 }

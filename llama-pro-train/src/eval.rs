@@ -1,9 +1,11 @@
 //! Causal-LM loss and perplexity of a model on a set of sequences.
 
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
+use llama_pro_core::attention::Packing;
 use llama_pro_core::burn;
-use llama_pro_core::model::{LlamaForCausalLM, causal_lm_loss_sum};
+use llama_pro_core::model::{LlamaForCausalLM, causal_lm_loss_weighted};
 
+use crate::dataset::Example;
 use crate::error::{Result, TrainError};
 
 /// Loss over a data set.
@@ -19,24 +21,64 @@ pub struct EvalResult {
     pub sequences: usize,
 }
 
-/// Right-pad `seqs` into `[batch, max_len]` ids and a float mask.
-pub fn pad_batch<B: Backend>(
-    seqs: &[Vec<u32>],
-    device: &B::Device,
-) -> (Tensor<B, 2, Int>, Tensor<B, 2>) {
-    let len = seqs.iter().map(Vec::len).max().unwrap_or(1).max(1);
-    let mut ids = vec![0i64; seqs.len() * len];
-    let mut mask = vec![0f32; seqs.len() * len];
-    for (r, s) in seqs.iter().enumerate() {
-        for (c, &t) in s.iter().enumerate() {
+/// A batch of examples on a device.
+pub struct Batch<B: Backend> {
+    /// Token ids, right-padded: `[batch, longest]`.
+    pub ids: Tensor<B, 2, Int>,
+    /// Loss weight of position `t` predicting token `t+1`: `[batch, longest]` (see
+    /// [`causal_lm_loss_weighted`]).
+    pub weights: Tensor<B, 2>,
+    /// The documents of each row, when any row holds several.
+    pub packing: Option<Packing>,
+    /// Tokens that are not padding.
+    pub tokens: usize,
+    /// Tokens the loss covers.
+    pub targets: usize,
+}
+
+/// Right-pad examples into a [`Batch`]: weight 1 where the next token is a target of its
+/// example (trained, not padding, not the start of a packed document).
+pub fn batch_examples<B: Backend>(examples: &[Example], device: &B::Device) -> Batch<B> {
+    let len = examples.iter().map(Example::len).max().unwrap_or(1).max(1);
+    let n = examples.len();
+    let mut ids = vec![0i64; n * len];
+    let mut weights = vec![0f32; n * len];
+    let (mut tokens, mut targets) = (0, 0);
+    for (r, e) in examples.iter().enumerate() {
+        for (c, &t) in e.ids.iter().enumerate() {
             ids[r * len + c] = t as i64;
-            mask[r * len + c] = 1.0;
+            if e.is_target(c + 1) {
+                weights[r * len + c] = 1.0;
+                targets += 1;
+            }
         }
+        tokens += e.len();
     }
-    (
-        Tensor::from_data(TensorData::new(ids, [seqs.len(), len]), device),
-        Tensor::from_data(TensorData::new(mask, [seqs.len(), len]), device),
-    )
+    let packing = examples.iter().any(|e| e.docs.len() > 1).then(|| {
+        let rows = examples
+            .iter()
+            .map(|e| {
+                let mut docs = if e.docs.is_empty() {
+                    vec![e.len()]
+                } else {
+                    e.docs.clone()
+                };
+                docs.retain(|&d| d > 0);
+                if e.len() < len {
+                    docs.push(len - e.len());
+                }
+                docs
+            })
+            .collect();
+        Packing::new(rows, len).expect("documents sum to the row length")
+    });
+    Batch {
+        ids: Tensor::from_data(TensorData::new(ids, [n, len]), device),
+        weights: Tensor::from_data(TensorData::new(weights, [n, len]), device),
+        packing,
+        tokens,
+        targets,
+    }
 }
 
 /// Mean loss over all predicted tokens of all sequences (each sequence on its own: no packing),
@@ -45,6 +87,20 @@ pub fn pad_batch<B: Backend>(
 pub fn evaluate<B: Backend>(
     model: &LlamaForCausalLM<B>,
     seqs: &[Vec<u32>],
+    batch_size: usize,
+    device: &B::Device,
+    on_batch: impl FnMut(usize),
+) -> Result<EvalResult> {
+    let examples: Vec<Example> = seqs.iter().cloned().map(Example::text).collect();
+    evaluate_examples(model, &examples, batch_size, device, on_batch)
+}
+
+/// Mean loss over the target tokens of `examples` (supervised examples: their trained tokens;
+/// packed examples: their documents on their own), as transformers computes it with their
+/// labels. `on_batch` is called after each batch with the number of examples done.
+pub fn evaluate_examples<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    seqs: &[Example],
     batch_size: usize,
     device: &B::Device,
     mut on_batch: impl FnMut(usize),
@@ -57,7 +113,7 @@ pub fn evaluate<B: Backend>(
     order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].len()));
     let mut done = 0;
     for chunk in order.chunks(batch_size) {
-        let batch: Vec<Vec<u32>> = chunk
+        let batch: Vec<Example> = chunk
             .iter()
             .map(|&i| seqs[i].clone())
             .filter(|s| s.len() >= 2)
@@ -67,9 +123,9 @@ pub fn evaluate<B: Backend>(
             on_batch(done);
             continue;
         }
-        let (ids, mask) = pad_batch::<B>(&batch, device);
-        let logits = model.forward(ids.clone());
-        let (s, c) = causal_lm_loss_sum(logits, ids, mask);
+        let b = batch_examples::<B>(&batch, device);
+        let logits = model.forward_packed(b.ids.clone(), b.packing.as_ref());
+        let (s, c) = causal_lm_loss_weighted(logits, b.ids, b.weights);
         sum += scalar(s)?;
         count += scalar(c)?;
         on_batch(done);

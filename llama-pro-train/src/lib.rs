@@ -21,6 +21,7 @@ pub mod optim;
 #[cfg(feature = "plot")]
 pub mod plot;
 pub mod schedule;
+pub mod sft;
 pub mod tokenizer_train;
 pub mod trainer;
 

@@ -1,17 +1,18 @@
-//! `llama-pro generate`: text from a prompt, streamed as it is decoded.
+//! `llama-pro generate`: text from a prompt, streamed as it is decoded; with `--chat`, the
+//! answer to a user message rendered through the chat template.
 
-use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::anyhow;
+use anyhow::bail;
 use clap::Args;
-use llama_pro::core::LlamaForCausalLM;
 use llama_pro::core::burn::tensor::backend::Backend;
 use llama_pro::core::device::{OnBackend, dispatch};
-use llama_pro::core::generate::{GenerationConfig, generate};
+use llama_pro::core::generate::GenerationConfig;
+use llama_pro::core::{ChatTemplate, Message};
 use llama_pro::train::data::existing;
 
-use super::{ComputeArgs, load_tokenizer};
+use super::ComputeArgs;
+use super::chat::{SamplingArgs, encode_chat, load_model, print_stats, stop_token_ids, stream};
 
 /// `llama-pro generate`
 #[derive(Args, Debug)]
@@ -19,24 +20,26 @@ pub struct GenerateArgs {
     /// Model directory (needs tokenizer.json).
     #[arg(long)]
     pub model: PathBuf,
-    /// Prompt text (BOS is added as the tokenizer does).
+    /// Prompt text (BOS is added as the tokenizer does); with --chat, the user's message.
     #[arg(long)]
     pub prompt: String,
+    /// Render --prompt as one user message through the chat template (with the assistant's
+    /// generation prompt) and print only the answer, which ends at the template's end of turn.
+    #[arg(long)]
+    pub chat: bool,
+    /// With --chat: the chat template, a built-in one (chatml, llama3, mistral) or a .jinja
+    /// file; default: the model's own.
+    #[arg(long, value_name = "NAME|FILE")]
+    pub template: Option<String>,
+    /// With --chat: a system prompt before the user's message.
+    #[arg(long)]
+    pub system: Option<String>,
     /// Stop after this many new tokens.
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
-    /// Sampling temperature; 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f32,
-    /// Keep only the k most likely tokens when sampling.
-    #[arg(long)]
-    pub top_k: Option<usize>,
-    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches p.
-    #[arg(long)]
-    pub top_p: Option<f32>,
-    /// Random seed for sampling.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub sampling: SamplingArgs,
     /// Keep generating after an end-of-sequence token.
     #[arg(long)]
     pub ignore_eos: bool,
@@ -53,73 +56,84 @@ pub struct GenerateArgs {
     pub compute: ComputeArgs,
 }
 
+/// Run `llama-pro generate`.
 pub fn run(a: &GenerateArgs) -> anyhow::Result<()> {
-    dispatch(a.compute.device, GenerateTask { args: a })?
+    let dir = existing(&a.model)?;
+    let template = if a.chat {
+        // The template first: a model without one fails before its weights are read.
+        Some(ChatTemplate::load(&dir, a.template.as_deref())?)
+    } else {
+        for (flag, given) in [
+            ("--template", a.template.is_some()),
+            ("--system", a.system.is_some()),
+        ] {
+            if given {
+                bail!(
+                    "{flag} only applies with --chat (which renders --prompt as a user message \
+                     through the chat template); add --chat or drop {flag}"
+                );
+            }
+        }
+        None
+    };
+    dispatch(
+        a.compute.device,
+        GenerateTask {
+            args: a,
+            dir,
+            template,
+        },
+    )?
 }
 
 struct GenerateTask<'a> {
     args: &'a GenerateArgs,
+    dir: PathBuf,
+    template: Option<ChatTemplate>,
 }
 
 impl OnBackend for GenerateTask<'_> {
     type Output = anyhow::Result<()>;
     fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
         let a = self.args;
-        let dir = existing(&a.model)?;
+        let dir = &self.dir;
         if a.check_finite {
-            llama_pro::core::weights::Checkpoint::open(&dir)?.check_finite()?;
+            llama_pro::core::weights::Checkpoint::open(dir)?.check_finite()?;
         }
-        let (model, hf) =
-            LlamaForCausalLM::<B>::from_pretrained(&dir, &device, Some(a.compute.dtype))?;
-        let tok = load_tokenizer(&dir, &hf)?.ok_or_else(|| {
-            anyhow!(
-                "{}: no tokenizer.json; generate needs a tokenizer",
-                dir.display()
-            )
-        })?;
-        let prompt = tok.encode(&a.prompt, true)?;
+        let (model, tok) = load_model::<B>(dir, &a.compute, &device, "generate")?;
+        let (prompt, stop) = match &self.template {
+            Some(template) => {
+                let user = [Message::new("user", a.prompt.as_str())];
+                let system = a.system.as_deref().filter(|s| !s.is_empty());
+                (
+                    encode_chat(&tok, template, system, &user)?,
+                    stop_token_ids(&tok, template),
+                )
+            }
+            None => {
+                let ids = tok.encode(&a.prompt, true)?;
+                // The prompt is part of the text shown.
+                print!("{}", a.prompt);
+                (ids, tok.eos_token_ids.clone())
+            }
+        };
         let cfg = GenerationConfig {
             max_new_tokens: a.max_new_tokens,
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: a.top_p,
-            seed: a.seed,
-            eos_token_ids: if a.ignore_eos {
-                vec![]
-            } else {
-                tok.eos_token_ids.clone()
-            },
+            temperature: a.sampling.temperature,
+            top_k: a.sampling.top_k,
+            top_p: a.sampling.top_p,
+            seed: a.sampling.seed,
+            eos_token_ids: if a.ignore_eos { vec![] } else { stop },
             use_kv_cache: !a.no_kv_cache,
         };
-        let mut stdout = std::io::stdout();
-        let _ = write!(stdout, "{}", a.prompt);
-        let _ = stdout.flush();
-        // Stream: decode everything so far and print what is new (byte-level BPE tokens may
-        // only form valid text together).
-        let mut generated: Vec<u32> = Vec::new();
-        let mut printed = 0usize;
-        let start = std::time::Instant::now();
-        let out = generate(&model, &prompt, &cfg, &device, |t| {
-            generated.push(t);
-            if let Ok(text) = tok.decode(&generated)
-                && text.len() > printed
-                && text.is_char_boundary(printed)
-                && !text.ends_with('\u{FFFD}')
-            {
-                let _ = write!(stdout, "{}", &text[printed..]);
-                let _ = stdout.flush();
-                printed = text.len();
-            }
-        })?;
-        let secs = start.elapsed().as_secs_f64();
+        let turn_ends = match &self.template {
+            Some(t) if !a.ignore_eos => t.turn_ends(),
+            _ => vec![],
+        };
+        let turn_ends: Vec<&str> = turn_ends.iter().map(String::as_str).collect();
+        let out = stream::<B>(&model, &tok, &prompt, &cfg, &device, &turn_ends)?;
         println!();
-        eprintln!(
-            "[{} prompt tokens, {} new tokens in {:.2}s, {:.1} tokens/s]",
-            prompt.len(),
-            out.len(),
-            secs,
-            out.len() as f64 / secs.max(1e-9)
-        );
+        print_stats(prompt.len(), &out);
         Ok(())
     }
 }

@@ -228,6 +228,14 @@ pub fn run(a: &InspectArgs) -> anyhow::Result<()> {
         tensors,
         human_bytes(stored_bytes)
     );
+    println!(
+        "chat template  {}",
+        match llama_pro::core::ChatTemplate::from_dir(&dir) {
+            Ok(Some(t)) => t.origin().to_string(),
+            Ok(None) => "none (sft and chat need --template chatml|llama3|mistral|FILE)".into(),
+            Err(e) => format!("unreadable: {e}"),
+        }
+    );
     if !map.new_layers().is_empty() {
         println!("layer map      {}", map.compact());
         println!("expanded       layers {:?}", map.new_layers());

@@ -14,6 +14,7 @@ use llama_pro::core::device::DeviceSpec;
 use llama_pro::core::{DType, HfConfig, Tokenizer};
 
 mod bench;
+mod chat;
 mod convert;
 mod demo;
 pub mod errors;
@@ -21,8 +22,10 @@ mod eval;
 mod expand;
 mod generate;
 mod inspect;
+mod pipeline;
 mod progress;
 mod selftest;
+mod sft;
 mod tokenizer;
 mod train;
 
@@ -53,6 +56,19 @@ pub enum Command {
     /// Continued pretraining: train the expanded blocks (or another parameter selection) on a
     /// corpus, with evaluation, checkpoints and exact resume; exports a HuggingFace directory.
     Train(Box<train::TrainArgs>),
+    /// Supervised fine-tuning (LLaMA Pro - Instruct): conversations (OpenAI messages, ShareGPT,
+    /// Alpaca, prompt/completion) through the model's chat template, loss on the answers, neat
+    /// packing; the paper's SFT defaults (all parameters, lr 2e-5, cosine, 3% warmup). Every
+    /// `train` option applies.
+    Sft(Box<train::TrainArgs>),
+    /// Show how conversations become training examples: the rendered text with the trained
+    /// tokens marked, and counts (or the ids and labels as JSON).
+    SftPreview(sft::PreviewArgs),
+    /// The paper's whole recipe from one TOML file: expand, post-pretrain the new blocks,
+    /// instruction-tune all blocks; resumable, leaves a HuggingFace model.
+    Pipeline(pipeline::PipelineArgs),
+    /// Talk to a model through its chat template: streamed answers, history, /reset, /exit.
+    Chat(chat::ChatArgs),
     /// The paper's claim at toy scale on the shipped data: a small pretrained model learns a new
     /// domain by LLaMA Pro block expansion, full fine-tuning, LoRA, prefix and suffix stacking
     /// with the same token budget; prints the table, writes a plot and a JSON report.
@@ -78,6 +94,10 @@ pub fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Convert(a) => convert::run(&a),
         Command::Expand(a) => expand::run(&a),
         Command::Train(a) => return train::run(&a),
+        Command::Sft(a) => return train::run_sft(&a),
+        Command::SftPreview(a) => sft::run(&a),
+        Command::Chat(a) => chat::run(&a),
+        Command::Pipeline(a) => return pipeline::run(&a),
         Command::Demo(a) => demo::run(&a),
         Command::TrainTokenizer(a) => tokenizer::run(&a),
         Command::Bench(a) => bench::run(&a),

@@ -662,7 +662,7 @@ fn train_step<B: AutodiffBackend>(
         warmup_ratio: 0.0,
         clip_grad_norm: 0.0,
         weight_decay: 0.1,
-        packing: false,
+        packing: llama_pro::train::config::PackMode::None,
         seq_len: 64,
         val_fraction: 0.0,
         log_every: 0,

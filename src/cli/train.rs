@@ -10,15 +10,36 @@ use llama_pro::core::DType;
 use llama_pro::core::burn::tensor::backend::AutodiffBackend;
 use llama_pro::core::device::{DeviceSpec, OnAutodiffBackend, dispatch_autodiff_with};
 use llama_pro::core::freeze::Selection;
-use llama_pro::train::config::{DataSource, EvalSet, LrScale, Method, Resume, TrainConfig};
+use llama_pro::train::config::{
+    DataSource, EvalSet, LrScale, Method, PackMode, Resume, Stage, TrainConfig,
+};
 use llama_pro::train::memory::{
     AttentionKind, MemoryPlan, PlanInputs, device_capacity, fit_report,
 };
 use llama_pro::train::schedule::ScheduleKind;
+use llama_pro::train::sft::ChatFormat;
 use llama_pro::train::trainer::{LossPlot, Observer, Observers, TrainReport, train};
 
 use super::progress::TrainProgress;
 use super::{choice, dtype_parser};
+
+/// How conversations become examples (`sft`, `sft-preview`).
+#[derive(Args, Debug, Default, Clone)]
+pub struct ChatDataArgs {
+    /// sft: data format (default: detected from each file's first line).
+    #[arg(long, value_parser = choice::<ChatFormat>(ChatFormat::ALL.map(|f| f.name())))]
+    pub format: Option<ChatFormat>,
+    /// sft: chat template: chatml, llama3, mistral or a .jinja file (default: the model's own,
+    /// from chat_template.jinja or tokenizer_config.json).
+    #[arg(long)]
+    pub template: Option<String>,
+    /// sft: train on the prompts too, not only on the answers.
+    #[arg(long)]
+    pub train_on_prompt: bool,
+    /// sft: train on the last answer of each conversation only.
+    #[arg(long)]
+    pub mask_history: bool,
+}
 
 /// `llama-pro train`. Every flag overrides the same key of `--config`; defaults are the paper's
 /// recipe (AdamW β 0.9/0.95, lr 2e-4, 6% warmup, cosine, weight decay 0.1, clip 1.0).
@@ -76,9 +97,18 @@ pub struct TrainArgs {
     /// Tokens per sequence (default 512).
     #[arg(long)]
     pub seq_len: Option<usize>,
-    /// One line = one sequence (truncated, padding masked out of the loss) instead of packing.
-    #[arg(long)]
+    /// One line = one sequence (truncated, padding masked out of the loss) instead of packing
+    /// (the same as --packing none).
+    #[arg(long, conflicts_with = "packing")]
     pub no_packing: bool,
+    /// How examples fill rows: none (one per row), concat (joined and cut; attention crosses
+    /// documents; pretraining default) or neat (whole examples per row, each attending only to
+    /// itself, positions restarting; sft default).
+    #[arg(long, value_parser = choice::<PackMode>(PackMode::ALL.map(|m| m.name())))]
+    pub packing: Option<PackMode>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub chat: ChatDataArgs,
     /// Tokenize every run instead of using the token cache ($LLAMA_PRO_CACHE or ~/.cache/llama-pro/tokens).
     #[arg(long)]
     pub no_token_cache: bool,
@@ -179,9 +209,15 @@ pub struct TrainArgs {
 impl TrainArgs {
     /// The configuration: `--config` (if any), then every given flag.
     pub fn resolve(&self) -> anyhow::Result<TrainConfig> {
+        self.resolve_over(None)
+    }
+
+    /// The configuration over the defaults of `base` (`None`: those of the `--config` file's
+    /// stage, or pretraining).
+    pub fn resolve_over(&self, base: Option<TrainConfig>) -> anyhow::Result<TrainConfig> {
         let mut c = match &self.config {
-            Some(p) => TrainConfig::from_toml(p)?,
-            None => TrainConfig::default(),
+            Some(p) => TrainConfig::from_toml_over(p, base)?,
+            None => base.unwrap_or_default(),
         };
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone(); } )* };
@@ -211,7 +247,8 @@ impl TrainArgs {
             seq_len,
             epochs,
             lora_rank,
-            lora_alpha
+            lora_alpha,
+            packing
         );
         macro_rules! set_some {
             ($($f:ident),*) => { $( if self.$f.is_some() { c.$f = self.$f.clone(); } )* };
@@ -229,7 +266,17 @@ impl TrainArgs {
         set_list!(lora_targets, data, eval, lr_scale);
         c.random_init |= self.random_init;
         c.activation_checkpointing |= self.activation_checkpointing;
-        c.packing &= !self.no_packing;
+        if self.no_packing {
+            c.packing = PackMode::None;
+        }
+        if let Some(f) = self.chat.format {
+            c.format = f;
+        }
+        if self.chat.template.is_some() {
+            c.template = self.chat.template.clone();
+        }
+        c.train_on_prompt |= self.chat.train_on_prompt;
+        c.mask_history |= self.chat.mask_history;
         c.token_cache &= !self.no_token_cache;
         c.check_finite &= !self.no_check_finite;
         c.force |= self.force;
@@ -240,10 +287,78 @@ impl TrainArgs {
 
 pub fn run(a: &TrainArgs) -> anyhow::Result<ExitCode> {
     let cfg = a.resolve()?;
+    run_config(cfg, a)
+}
+
+/// `llama-pro sft`: `train` over the paper's SFT defaults ([`TrainConfig::sft`]).
+pub fn run_sft(a: &TrainArgs) -> anyhow::Result<ExitCode> {
+    let mut cfg = a.resolve_over(Some(TrainConfig::sft()))?;
+    if cfg.stage != Stage::Sft {
+        anyhow::bail!(
+            "{}: stage = \"{}\" in a configuration given to `sft`; remove it or use `train`",
+            a.config
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            "pretrain"
+        );
+    }
+    cfg.stage = Stage::Sft;
+    // bf16 on GPUs, f32 on the CPU, unless the dtype was given.
+    let dtype_in_config = match &a.config {
+        Some(p) => std::fs::read_to_string(p)
+            .ok()
+            .and_then(|t| t.parse::<toml::Table>().ok())
+            .is_some_and(|t| t.contains_key("dtype")),
+        None => false,
+    };
+    if a.dtype.is_none() && !dtype_in_config {
+        cfg.dtype = TrainConfig::sft_dtype(cfg.device);
+    }
+    run_config(cfg, a)
+}
+
+fn run_config(cfg: TrainConfig, a: &TrainArgs) -> anyhow::Result<ExitCode> {
+    let command = if cfg.stage == Stage::Sft {
+        "sft"
+    } else {
+        "train"
+    };
     cfg.validate()?;
     if a.dry_run {
         return dry_run(&cfg, a);
     }
+    let report = run_resolved(&cfg, command)?;
+    Ok(if report.interrupted {
+        ExitCode::from(130)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Ctrl-C, SIGTERM (schedulers, `docker stop`, `timeout`) and SIGHUP: finish the step, write a
+/// checkpoint, exit 130; a second signal exits at once. One handler for the process (a pipeline
+/// runs several trainings).
+fn stop_flag() -> &'static AtomicBool {
+    static STOP: std::sync::OnceLock<&'static AtomicBool> = std::sync::OnceLock::new();
+    STOP.get_or_init(|| {
+        let stop: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
+        let _ = ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!(
+                "\ninterrupt: finishing the current step and writing a checkpoint (interrupt again to quit now)"
+            );
+        });
+        stop
+    })
+}
+
+/// Run a checked configuration with the terminal's progress display; `command` is the
+/// subcommand that continues it (`train` or `sft`) in the resume hint.
+pub(super) fn run_resolved(cfg: &TrainConfig, command: &str) -> anyhow::Result<TrainReport> {
+    let cfg = cfg.clone();
     // The resolved configuration; the run saves it as OUTPUT/train.toml once everything is
     // checked and it owns the directory.
     let resolved = cfg.to_toml()?;
@@ -252,17 +367,7 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<ExitCode> {
         "configuration (saved to {} when the run starts):\n{resolved}",
         path.display()
     );
-    // Ctrl-C, SIGTERM (schedulers, `docker stop`, `timeout`) and SIGHUP: finish the step, write a
-    // checkpoint, exit 130; a second signal exits at once.
-    let stop: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
-    let _ = ctrlc::set_handler(move || {
-        if stop.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!(
-            "\ninterrupt: finishing the current step and writing a checkpoint (interrupt again to quit now)"
-        );
-    });
+    let stop = stop_flag();
     let report = dispatch_autodiff_with(
         cfg.device,
         cfg.activation_checkpointing,
@@ -270,16 +375,11 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<ExitCode> {
     )??;
     if report.interrupted {
         eprintln!(
-            "stopped after step {}; continue with: llama-pro train --config {} --resume",
+            "stopped after step {}; continue with: llama-pro {command} --config {} --resume",
             report.steps,
             path.display()
         );
     }
-    let code = if report.interrupted {
-        ExitCode::from(130)
-    } else {
-        ExitCode::SUCCESS
-    };
     println!(
         "{} steps, {:.0} tokens/s, {} of {} parameters trained{}",
         report.steps,
@@ -307,7 +407,7 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<ExitCode> {
             achieved / 1e9
         ),
     }
-    Ok(code)
+    Ok(report)
 }
 
 struct TrainTask<'a> {

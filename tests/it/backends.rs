@@ -46,7 +46,7 @@ fn ndarray_trains_like_flex() {
         batch_size: 1,
         grad_accum: 2,
         seq_len: 64,
-        packing: false,
+        packing: llama_pro::train::config::PackMode::None,
         token_cache: false,
         lr: 3e-3,
         lr_schedule: ScheduleKind::Cosine,

@@ -8,7 +8,7 @@ use llama_pro::core::linear::LinearConfig;
 use llama_pro::core::weights::Checkpoint;
 use llama_pro::core::{DType, LlamaForCausalLM, Tokenizer};
 use llama_pro::train::config::{DataSource, EvalSet, Method, TrainConfig};
-use llama_pro::train::demo::{DemoConfig, DemoMethod, run_demo};
+use llama_pro::train::demo::{DemoConfig, DemoMethod, answer_of, run_demo};
 use llama_pro::train::eval::evaluate;
 use llama_pro::train::trainer::TrainReport;
 
@@ -119,7 +119,7 @@ fn lora_training_trains_adapters_and_exports_merged() {
         eval_every: 4,
         batch_size: 2,
         seq_len: 64,
-        packing: false,
+        packing: llama_pro::train::config::PackMode::None,
         lr: 1e-2,
         log_every: 0,
         token_cache: false,
@@ -195,7 +195,7 @@ fn random_init_pretraining() {
         max_steps: Some(4),
         batch_size: 2,
         seq_len: 64,
-        packing: false,
+        packing: llama_pro::train::config::PackMode::None,
         lr: 3e-3,
         log_every: 0,
         token_cache: false,
@@ -283,7 +283,9 @@ fn shipped_tokenizer_matches_transformers() {
 }
 
 /// The demo on the shipped model and data, shrunk to seconds: the expansion is the identity,
-/// every method trains, the table, plot and report are written.
+/// every method trains, the table, plot and report are written; the SFT stage fine-tunes LLaMA
+/// Pro's model and the base on the same conversations, lowers LLaMA Pro's held-out answer loss
+/// and answers held-out prompts.
 #[test]
 fn demo_runs_on_the_shipped_data() {
     let out = tmpdir("demo");
@@ -295,8 +297,16 @@ fn demo_runs_on_the_shipped_data() {
         seq_len: 32,
         evals_during: 1,
         eval_sequences: 2,
+        sft_steps: 4,
+        sft_eval_conversations: Some(12),
+        sft_answer_tokens: 8,
         ..DemoConfig::default()
     };
+    assert!(
+        cfg.sft && DemoConfig::quick().sft,
+        "the SFT stage is on by default"
+    );
+    assert_eq!(cfg.total_steps(), 3 * 2 + 2 * 4);
     let r = run_demo(&cfg, &mut llama_pro::train::trainer::silent()).unwrap();
     print!("{}", llama_pro::train::demo::demo_table(&r));
     assert!(r.passed, "{:?}", r.verdict);
@@ -313,19 +323,86 @@ fn demo_runs_on_the_shipped_data() {
     // Same base, same eval windows: every method starts from the same losses.
     assert_eq!(r.runs[0].before, r.runs[1].before);
     assert!(is_png(&out.join("forgetting.png")));
+
+    // The SFT stage: LLaMA Pro's trained model and the base, the same budget, before/after.
+    let sft = r.sft.as_ref().expect("the SFT stage ran");
+    let names: Vec<&str> = sft.runs.iter().map(|s| s.model.as_str()).collect();
+    assert_eq!(names, ["llama-pro", "base"]);
+    let (pro, base) = (&sft.runs[0], &sft.runs[1]);
+    assert_eq!(pro.layers, 6);
+    assert_eq!(base.layers, 4);
+    assert_eq!(
+        pro.trainable_params, r.runs[0].total_params,
+        "SFT trains every parameter"
+    );
+    assert_eq!(pro.tokens, base.tokens, "the same SFT token budget");
+    assert!(pro.tokens > 0);
+    for s in &sft.runs {
+        assert_eq!(s.train_losses.len(), 4, "{}", s.model);
+        assert_eq!(s.evals.len(), 2, "{}: before and after", s.model);
+        assert!(s.answer_loss_before.is_finite() && s.answer_loss_after.is_finite());
+        assert!(
+            s.model_dir
+                .as_ref()
+                .is_some_and(|d| d.join("config.json").exists())
+        );
+    }
+    assert!(
+        pro.answer_loss_after < pro.answer_loss_before,
+        "SFT did not lower LLaMA Pro's held-out answer loss: {} -> {}",
+        pro.answer_loss_before,
+        pro.answer_loss_after
+    );
+    // LLaMA Pro's SFT starts from its post-pretrained model, not from the base.
+    assert_ne!(pro.answer_loss_before, base.answer_loss_before);
+    // Greedy answers to the first three held-out prompts.
+    let valid = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("data/instruct-valid.jsonl"),
+    )
+    .unwrap();
+    let first: serde_json::Value = serde_json::from_str(valid.lines().next().unwrap()).unwrap();
+    assert_eq!(pro.answers.len(), 3);
+    assert_eq!(
+        pro.answers[0].prompt,
+        first["messages"][0]["content"].as_str().unwrap()
+    );
+    assert_eq!(
+        pro.answers[0].reference,
+        first["messages"][1]["content"].as_str().unwrap()
+    );
+    assert!(
+        pro.answers.iter().any(|a| !a.answer.is_empty()),
+        "{:?}",
+        pro.answers
+    );
+    for a in &pro.answers {
+        assert_eq!(a.answer, answer_of(&a.generated));
+    }
+    // An answer is the first line of what was generated, up to the end-of-turn marker.
+    assert_eq!(
+        answer_of(" and the LORD spake.<|im_end|>\n<|im_start|>user"),
+        "and the LORD spake."
+    );
+    assert_eq!(answer_of("def f(x):\n    return x"), "def f(x):");
+    assert_eq!(answer_of("<|im_end|>"), "");
+
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("demo.json")).unwrap()).unwrap();
     assert_eq!(json["runs"].as_array().unwrap().len(), 3);
+    assert_eq!(json["sft"]["runs"].as_array().unwrap().len(), 2);
+    assert!(json["sft"]["runs"][0]["answers"][0]["answer"].is_string());
     // A rerun into the same output replaces the earlier runs (the demo owns its directory).
     let again = run_demo(
         &DemoConfig {
             methods: vec![DemoMethod::Pro],
             steps: 1,
+            sft: false,
             ..cfg
         },
         &mut llama_pro::train::trainer::silent(),
     )
     .unwrap();
     assert_eq!(again.runs[0].train_losses.len(), 1);
+    assert!(again.sft.is_none(), "the SFT stage switched off");
     let _: PathBuf = out;
 }

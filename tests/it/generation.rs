@@ -160,3 +160,149 @@ fn sampler_respects_top_p_and_rejects_bad_options() {
         .is_err()
     );
 }
+
+/// `chat` and `generate --chat` on the shipped demo model through the built-in chatml template:
+/// the answers are exactly greedy generation from the rendered conversation (encoded without
+/// special tokens, stopped at the template's end of turn), the history is kept, `/reset` and
+/// `/exit` work, the oldest turns are dropped when the context is full, and the template flags
+/// fail clearly where they do not apply.
+#[test]
+fn chat_cli_answers_through_the_chat_template() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+
+    use llama_pro::core::{ChatTemplate, Message, Tokenizer};
+
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/base");
+    let base = dir.to_str().unwrap();
+    let device = Default::default();
+    let (model, hf) =
+        LlamaForCausalLM::<Cpu>::from_pretrained(&dir, &device, Some(DType::F32)).unwrap();
+    let tok = Tokenizer::from_dir(&dir, hf.config.bos_token_id, &hf.config.eos_token_ids).unwrap();
+    let template = ChatTemplate::builtin("chatml", Some(&dir)).unwrap();
+    let mut stop = tok.eos_token_ids.clone();
+    stop.extend(
+        template
+            .special_tokens()
+            .get("eos_token")
+            .and_then(|t| tok.inner().token_to_id(t)),
+    );
+    // The reference answer: render, encode without special tokens, greedy, drop the stop token.
+    let answer = |messages: &[Message], max_new_tokens: usize| -> String {
+        let text = template.render(messages, true).unwrap();
+        assert!(text.ends_with("<|im_start|>assistant\n"), "{text:?}");
+        let ids = tok.encode(&text, false).unwrap();
+        assert_ne!(
+            ids.first().copied(),
+            tok.bos_token_id,
+            "no BOS added: {ids:?}"
+        );
+        let cfg = GenerationConfig {
+            max_new_tokens,
+            eos_token_ids: stop.clone(),
+            ..Default::default()
+        };
+        let out = generate(&model, &ids, &cfg, &device, |_| {}).unwrap();
+        let kept: Vec<u32> = out.into_iter().filter(|t| !stop.contains(t)).collect();
+        tok.decode(&kept).unwrap()
+    };
+    let chat = |args: &[&str], input: &str| -> (String, String) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_llama-pro"))
+            .args(["chat", "--model", base, "--template", "chatml"])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(out.status.success(), "chat {args:?} failed:\n{stderr}");
+        (String::from_utf8(out.stdout).unwrap(), stderr)
+    };
+    let user = |text: &str| Message::new("user", text);
+    let stats_lines = |stderr: &str| stderr.lines().filter(|l| l.contains("new tokens")).count();
+
+    // (a) generate --chat: the answer only, as the library computes it.
+    let prompt = "Tell me about the sea.";
+    let out = crate::cli::run_ok(&[
+        "generate",
+        "--model",
+        base,
+        "--chat",
+        "--template",
+        "chatml",
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "8",
+    ]);
+    assert!(!out.is_empty());
+    assert!(!out.contains(prompt), "the prompt is not echoed: {out:?}");
+    assert_eq!(out, format!("{}\n", answer(&[user(prompt)], 8)));
+
+    // (b) chat: two answers around /reset, /exit ends (the last line is never answered).
+    let (out, err) = chat(
+        &["--max-new-tokens", "8"],
+        "hello\n/reset\nhi again\n/exit\nnever answered\n",
+    );
+    assert_eq!(stats_lines(&err), 2, "{err}");
+    assert!(err.contains("template built-in chatml"), "{err}");
+    let first = answer(&[user("hello")], 8);
+    assert_eq!(
+        out,
+        format!("{first}\n{}\n", answer(&[user("hi again")], 8))
+    );
+
+    // The history (with the system prompt) is kept between turns; EOF ends the chat.
+    let system = Message::new("system", "Be brief.");
+    let (out, err) = chat(
+        &["--max-new-tokens", "8", "--system", "Be brief."],
+        "hello\n\nhi again\n",
+    );
+    assert_eq!(stats_lines(&err), 2, "{err}");
+    let first = answer(&[system.clone(), user("hello")], 8);
+    let second = answer(
+        &[
+            system.clone(),
+            user("hello"),
+            Message::new("assistant", first.as_str()),
+            user("hi again"),
+        ],
+        8,
+    );
+    assert_eq!(out, format!("{first}\n{second}\n"));
+
+    // A full context (1024 positions) drops the oldest turn, keeping the system prompt.
+    let (out, err) = chat(
+        &["--max-new-tokens", "900", "--system", "Be brief."],
+        "hello\nhi again\n",
+    );
+    assert!(err.contains("dropped the 1 oldest turn"), "{err}");
+    let first = answer(&[system.clone(), user("hello")], 900);
+    let second = answer(&[system, user("hi again")], 900);
+    assert_eq!(out, format!("{first}\n{second}\n"));
+
+    // (c) a model without a chat template needs --template.
+    let err = crate::cli::run_err(&["chat", "--model", base]);
+    assert!(
+        err.contains("no chat template") && err.contains("--template"),
+        "{err}"
+    );
+
+    // (d) the chat flags of generate need --chat.
+    for flag in ["--template", "--system"] {
+        let err =
+            crate::cli::run_err(&["generate", "--model", base, "--prompt", "x", flag, "chatml"]);
+        assert!(
+            err.contains(&format!("{flag} only applies with --chat")),
+            "{err}"
+        );
+    }
+}

@@ -313,7 +313,7 @@ fn tiled_forward_backward_match_composition() {
             let (li, ii, mi) = (
                 logits.clone().inner().reshape([b, s, v]),
                 ids.clone().inner(),
-                mask.clone().inner(),
+                ops::pair_weights(mask.clone().inner()),
             );
             let (loss, lse) = tiled::causal_ce_fwd(li.clone(), ii.clone(), mi.clone());
             let dl = upstream::<Flex, 1>([1], &dev);

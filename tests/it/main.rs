@@ -14,4 +14,5 @@ mod kernels;
 mod memory;
 pub mod parity;
 mod reliability;
+mod sft;
 mod training;

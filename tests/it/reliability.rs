@@ -696,7 +696,7 @@ fn tiny_data_is_not_held_out_and_what_is_held_out_is_said() {
     let model = expanded_fixture("llama-mha-f32", "tiny");
     let cfg = TrainConfig {
         data: vec![DataSource::new(fixtures().join("train/seqs.jsonl"))],
-        packing: false,
+        packing: llama_pro::train::config::PackMode::None,
         seq_len: 64,
         val_fraction: 0.02,
         max_steps: Some(1),
@@ -714,7 +714,7 @@ fn tiny_data_is_not_held_out_and_what_is_held_out_is_said() {
     // Enough windows: 2% held out, and said.
     let (r, lines) = train_cpu_lines(&TrainConfig {
         data: vec![DataSource::new(data())],
-        packing: true,
+        packing: llama_pro::train::config::PackMode::Concat,
         seq_len: 8,
         output: model.with_file_name("run2"),
         ..cfg

@@ -48,15 +48,45 @@ pub(super) fn attention<B: Backend>(
     out.swap_dims(1, 2).reshape([b * s, h * hd])
 }
 
+/// [`attention`] per packed document (`spans`: first token row and length), concatenated.
+pub(super) fn attention_packed<B: Backend>(
+    q: Tensor<B, 2>,
+    k: Tensor<B, 2>,
+    v: Tensor<B, 2>,
+    cos: Tensor<B, 2>,
+    sin: Tensor<B, 2>,
+    sh: AttentionShape,
+    spans: &[(usize, usize)],
+) -> Tensor<B, 2> {
+    let outs: Vec<Tensor<B, 2>> = spans
+        .iter()
+        .map(|&(start, len)| {
+            attention(
+                q.clone().narrow(0, start, len),
+                k.clone().narrow(0, start, len),
+                v.clone().narrow(0, start, len),
+                cos.clone().narrow(0, 0, len),
+                sin.clone().narrow(0, 0, len),
+                AttentionShape {
+                    batch: 1,
+                    seq: len,
+                    ..sh
+                },
+            )
+        })
+        .collect();
+    Tensor::cat(outs, 0)
+}
+
 pub(super) fn causal_ce<B: Backend>(
     logits: Tensor<B, 3>,
     input_ids: Tensor<B, 2, Int>,
-    mask: Tensor<B, 2>,
+    weights: Tensor<B, 2>,
 ) -> Tensor<B, 1> {
     let [b, s, _] = logits.dims();
     let logits = logits.narrow(1, 0, s - 1).cast(FloatDType::F32);
     let targets = input_ids.narrow(1, 1, s - 1);
-    let mask = pair_mask(mask);
+    let mask = weights.narrow(1, 0, s - 1).cast(FloatDType::F32);
     let log_probs = burn::tensor::activation::log_softmax(logits, 2);
     let picked = log_probs
         .gather(2, targets.reshape([b, s - 1, 1]))

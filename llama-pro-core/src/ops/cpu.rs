@@ -1021,14 +1021,10 @@ impl KernelBackend for Flex {
     }
 }
 
-/// Weight of row `row` (position `t` of its sequence) in the causal-LM loss:
-/// `mask[t] · mask[t+1]`, and 0 for the last position.
-fn pair_weight(mask: &[f32], row: usize, s: usize) -> f32 {
-    if row % s == s - 1 {
-        0.0
-    } else {
-        mask[row] * mask[row + 1]
-    }
+/// Weight of row `row` (position `t` of its sequence) in the causal-LM loss: `weights[t]`,
+/// and 0 for the last position (it has no target).
+fn pair_weight(weights: &[f32], row: usize, s: usize) -> f32 {
+    if row % s == s - 1 { 0.0 } else { weights[row] }
 }
 
 /// The token position `row` predicts (the next one in its sequence).

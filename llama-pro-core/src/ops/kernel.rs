@@ -102,8 +102,35 @@ pub(crate) trait KernelBackend: Backend {
         }
     }
 
-    /// Sum of the causal-LM cross-entropy (position `t` predicts token `t+1`, in f32) over the
-    /// positions where both `mask[t]` and `mask[t+1]` are set, weighted by their product.
+    /// [`super::attention_packed`]: the attention kernel per document.
+    fn lp_attention_packed(
+        q: Tensor<Self, 2>,
+        k: Tensor<Self, 2>,
+        v: Tensor<Self, 2>,
+        cos: Tensor<Self, 2>,
+        sin: Tensor<Self, 2>,
+        shape: AttentionShape,
+        spans: &[(usize, usize)],
+    ) -> Tensor<Self, 2> {
+        let outs: Vec<Tensor<Self, 2>> = spans
+            .iter()
+            .map(|&(start, len)| {
+                Self::lp_attention(
+                    q.clone().narrow(0, start, len),
+                    k.clone().narrow(0, start, len),
+                    v.clone().narrow(0, start, len),
+                    cos.clone().narrow(0, 0, len),
+                    sin.clone().narrow(0, 0, len),
+                    doc_shape(shape, len),
+                )
+            })
+            .collect();
+        Tensor::cat(outs, 0)
+    }
+
+    /// Sum of the causal-LM cross-entropy (position `t` predicts token `t+1`, in f32) weighted
+    /// by `mask[t]` (the per-position weights of [`super::causal_ce_weighted`]; the last
+    /// position of each sequence counts 0).
     ///
     /// # Shapes
     /// - logits: `[batch, seq, vocab]`; ids: `[batch, seq]`; mask: `[batch, seq]`
@@ -237,6 +264,15 @@ pub(crate) trait KernelBackend: Backend {
     }
 }
 
+/// The shape of one packed document of `len` tokens.
+fn doc_shape(shape: AttentionShape, len: usize) -> AttentionShape {
+    AttentionShape {
+        batch: 1,
+        seq: len,
+        ..shape
+    }
+}
+
 pub(super) fn fp<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
     t.into_primitive().tensor()
 }
@@ -343,6 +379,49 @@ impl<B: KernelBackend> Backward<B, 3> for AttentionStep {
 }
 
 #[derive(Debug)]
+struct PackedAttentionStep;
+/// q, k, v, cos, sin and the output (all rows); each document's log-sum-exp; the shape; the
+/// documents.
+type PackedAttentionState<B> = (
+    [FloatTensor<B>; 6],
+    Vec<FloatTensor<B>>,
+    AttentionShape,
+    Vec<(usize, usize)>,
+);
+impl<B: KernelBackend> Backward<B, 3> for PackedAttentionStep {
+    type State = PackedAttentionState<B>;
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [pq, pk, pv] = ops.parents;
+        let dout = tp::<B, 2>(grads.consume::<B>(&ops.node));
+        let (tensors, lses, shape, spans) = ops.state;
+        let [q, k, v, cos, sin, out] = tensors.map(tp::<B, 2>);
+        let (mut dqs, mut dks, mut dvs) = (vec![], vec![], vec![]);
+        for (&(start, len), lse) in spans.iter().zip(lses) {
+            let rows = |t: &Tensor<B, 2>| fp(t.clone().narrow(0, start, len));
+            let head = |t: &Tensor<B, 2>| fp(t.clone().narrow(0, 0, len));
+            let [dq, dk, dv] = B::attention_backward_kernel(
+                rows(&q),
+                rows(&k),
+                rows(&v),
+                head(&cos),
+                head(&sin),
+                rows(&out),
+                lse,
+                rows(&dout),
+                doc_shape(shape, len),
+            );
+            dqs.push(tp::<B, 2>(dq));
+            dks.push(tp::<B, 2>(dk));
+            dvs.push(tp::<B, 2>(dv));
+        }
+        let cat = |parts: Vec<Tensor<B, 2>>| Some(fp(Tensor::cat(parts, 0)));
+        give::<B>(grads, pq.as_ref().map(|n| n.id), cat(dqs));
+        give::<B>(grads, pk.as_ref().map(|n| n.id), cat(dks));
+        give::<B>(grads, pv.as_ref().map(|n| n.id), cat(dvs));
+    }
+}
+
+#[derive(Debug)]
 struct CausalCeStep;
 impl<B: KernelBackend> Backward<B, 1> for CausalCeStep {
     type State = (FloatTensor<B>, IntTensor<B>, FloatTensor<B>, FloatTensor<B>);
@@ -435,6 +514,67 @@ impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Ad<B, C> {
             }
             None => composed::attention(q, k, v, cos, sin, shape),
         }
+    }
+
+    fn lp_attention_packed(
+        q: Tensor<Self, 2>,
+        k: Tensor<Self, 2>,
+        v: Tensor<Self, 2>,
+        cos: Tensor<Self, 2>,
+        sin: Tensor<Self, 2>,
+        shape: AttentionShape,
+        spans: &[(usize, usize)],
+    ) -> Tensor<Self, 2> {
+        let (qa, ka, va) = (fp(q.clone()), fp(k.clone()), fp(v.clone()));
+        let (ca, sa) = (fp(cos.clone()), fp(sin.clone()));
+        let inner = |t: &FloatTensor<B>| tp::<B, 2>(t.clone());
+        let (qi, ki, vi, ci, si) = (
+            inner(&qa.primitive),
+            inner(&ka.primitive),
+            inner(&va.primitive),
+            inner(&ca.primitive),
+            inner(&sa.primitive),
+        );
+        // The kernel per document on the inner backend; one autodiff step for all of them.
+        let (mut outs, mut lses) = (Vec::with_capacity(spans.len()), Vec::new());
+        for &(start, len) in spans {
+            let rows = |t: &Tensor<B, 2>| fp(t.clone().narrow(0, start, len));
+            let head = |t: &Tensor<B, 2>| fp(t.clone().narrow(0, 0, len));
+            match B::attention_kernel(
+                rows(&qi),
+                rows(&ki),
+                rows(&vi),
+                head(&ci),
+                head(&si),
+                doc_shape(shape, len),
+            ) {
+                Some((o, l)) => {
+                    outs.push(tp::<B, 2>(o));
+                    lses.push(l);
+                }
+                None => return composed::attention_packed(q, k, v, cos, sin, shape, spans),
+            }
+        }
+        let out = fp(Tensor::cat(outs, 0));
+        let state = (
+            [
+                qa.primitive.clone(),
+                ka.primitive.clone(),
+                va.primitive.clone(),
+                ca.primitive,
+                sa.primitive,
+                out.clone(),
+            ],
+            lses,
+            shape,
+            spans.to_vec(),
+        );
+        tp(record::<B, C, _, 3>(
+            PackedAttentionStep,
+            [&qa, &ka, &va],
+            state,
+            out,
+        ))
     }
 
     fn lp_causal_ce(

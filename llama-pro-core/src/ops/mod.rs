@@ -228,6 +228,45 @@ pub fn attention<B: Backend>(
     dispatch::<B, _>(Attention([q, k, v, cos, sin], shape))
 }
 
+/// [`attention`] over documents packed in the rows of a batch: `spans` lists every document as
+/// (first token row in `q`/`k`/`v`, length), in order, covering all rows; each attends only to
+/// itself with positions from 0 (`cos`/`sin` cover the longest). `shape.batch` and `shape.seq`
+/// are ignored. On a backend with kernels, one autodiff step runs the kernel per document
+/// (no per-document slicing in the graph); elsewhere, the composition per document.
+///
+/// # Shapes
+/// - q: `[rows, H·hd]`; k, v: `[rows, H_kv·hd]`; cos, sin: `[≥ longest, hd]`
+/// - output: `[rows, H·hd]`
+pub fn attention_packed<B: Backend>(
+    q: Tensor<B, 2>,
+    k: Tensor<B, 2>,
+    v: Tensor<B, 2>,
+    cos: Tensor<B, 2>,
+    sin: Tensor<B, 2>,
+    shape: AttentionShape,
+    spans: &[(usize, usize)],
+) -> Tensor<B, 2> {
+    struct Packed<'a, B: Backend>([Tensor<B, 2>; 5], AttentionShape, &'a [(usize, usize)]);
+    impl<B: Backend> Op for Packed<'_, B> {
+        type Output = Tensor<B, 2>;
+        fn with_kernels<K: KernelBackend>(self) -> Self::Output {
+            let [q, k, v, cos, sin] = same::<_, [Tensor<K, 2>; 5]>(self.0);
+            same(K::lp_attention_packed(q, k, v, cos, sin, self.1, self.2))
+        }
+        fn composed(self) -> Self::Output {
+            let [q, k, v, cos, sin] = self.0;
+            composed::attention_packed(q, k, v, cos, sin, self.1, self.2)
+        }
+    }
+    let rows = q.dims()[0];
+    assert_eq!(
+        spans.iter().map(|s| s.1).sum::<usize>(),
+        rows,
+        "attention_packed: the documents must cover the {rows} rows"
+    );
+    dispatch::<B, _>(Packed([q, k, v, cos, sin], shape, spans))
+}
+
 /// Sum of the causal-LM cross-entropy (position `t` predicts token `t+1`, in f32) over the
 /// positions where both `mask[t]` and `mask[t+1]` are set, weighted by their product.
 ///
@@ -239,6 +278,22 @@ pub fn causal_ce<B: Backend>(
     ids: Tensor<B, 2, Int>,
     mask: Tensor<B, 2>,
 ) -> Tensor<B, 1> {
+    causal_ce_weighted(logits, ids, pair_weights(mask))
+}
+
+/// Sum of the causal-LM cross-entropy (position `t` predicts token `t+1`, in f32) weighted by
+/// `weights[t]` (the last column is ignored: the last position has no target). Supervised
+/// fine-tuning sets `weights[t] = 1` where token `t+1` is a trained label (labels ≠ −100) and
+/// `t+1` starts no new packed document.
+///
+/// # Shapes
+/// - logits: `[batch, seq, vocab]`; ids: `[batch, seq]`; weights: `[batch, seq]`
+/// - output: `[1]`
+pub fn causal_ce_weighted<B: Backend>(
+    logits: Tensor<B, 3>,
+    ids: Tensor<B, 2, Int>,
+    weights: Tensor<B, 2>,
+) -> Tensor<B, 1> {
     struct CausalCe<B: Backend>(Tensor<B, 3>, Tensor<B, 2, Int>, Tensor<B, 2>);
     impl<B: Backend> Op for CausalCe<B> {
         type Output = Tensor<B, 1>;
@@ -249,7 +304,25 @@ pub fn causal_ce<B: Backend>(
             composed::causal_ce(self.0, self.1, self.2)
         }
     }
-    dispatch::<B, _>(CausalCe(logits, ids, mask))
+    dispatch::<B, _>(CausalCe(logits, ids, weights))
+}
+
+/// The per-position weights of [`causal_ce`]'s padding mask: `mask[t] · mask[t+1]` in f32, 0 in
+/// the last column.
+///
+/// # Shapes
+/// - mask: `[batch, seq]`
+/// - output: `[batch, seq]`
+pub fn pair_weights<B: Backend>(mask: Tensor<B, 2>) -> Tensor<B, 2> {
+    let [b, _] = mask.dims();
+    let device = mask.device();
+    Tensor::cat(
+        vec![
+            pair_mask(mask),
+            Tensor::<B, 2>::zeros([b, 1], (&device, burn::tensor::DType::F32)),
+        ],
+        1,
+    )
 }
 
 /// One AdamW update of a parameter in a single fused pass, where backend `B` has a kernel for

@@ -266,7 +266,7 @@ pub fn attention_bwd<B: Backend>(
 }
 
 /// Per-row targets and weights of the causal-LM loss over all `b·s` rows: row `t` predicts
-/// token `t+1` with weight `mask[t]·mask[t+1]`; the last row of each sequence has weight 0.
+/// token `t+1` with weight `weights[t]`; the last row of each sequence has weight 0.
 fn ce_targets<B: Backend>(
     ids: Tensor<B, 2, Int>,
     mask: Tensor<B, 2>,
@@ -282,7 +282,7 @@ fn ce_targets<B: Backend>(
     );
     let weights = Tensor::cat(
         vec![
-            super::pair_mask(mask),
+            mask.narrow(1, 0, s - 1).cast(FloatDType::F32),
             Tensor::<B, 2>::zeros([b, 1], (&device, DType::F32)),
         ],
         1,
@@ -290,7 +290,8 @@ fn ce_targets<B: Backend>(
     (targets.reshape([b * s, 1]), weights.reshape([b * s, 1]))
 }
 
-/// Forward of the causal-LM cross-entropy sum (see [`super::causal_ce`]) over row chunks: the
+/// Forward of the causal-LM cross-entropy sum (see [`super::causal_ce_weighted`]; `mask` holds
+/// its per-position weights) over row chunks: the
 /// loss `[1]` (f32) and every row's log-sum-exp `[b·s]` (f32). At most one chunk of the logits is
 /// in f32 at a time.
 pub fn causal_ce_fwd<B: Backend>(

@@ -398,6 +398,15 @@ impl<B: AutodiffBackend> Trainer<B> {
                 ..Default::default()
             },
         )?;
+        // A model fine-tuned on conversations through a template it did not have (built-in or
+        // a file) carries that template, so that `chat`, transformers' `apply_chat_template`
+        // and the next stage render conversations as training did.
+        if self.config.stage == crate::config::Stage::Sft
+            && let Some(choice) = &self.config.template
+        {
+            let t = llama_pro_core::ChatTemplate::load(&self.info.dir, Some(choice))?;
+            write_file_atomic(&out.join("chat_template.jinja"), t.source().as_bytes())?;
+        }
         report.model_dir = Some(out.clone());
         let json = serde_json::to_string_pretty(&report)
             .map_err(|e| TrainError::Invalid(format!("serializing the report: {e}")))?;
@@ -425,6 +434,11 @@ const NEVER: &[&str] = &[
     "trainable",
     "seq_len",
     "packing",
+    "stage",
+    "format",
+    "template",
+    "train_on_prompt",
+    "mask_history",
     "seed",
     "val_fraction",
 ];

@@ -7,7 +7,7 @@ use burn::tensor::backend::AutodiffBackend;
 use llama_pro_core::burn;
 
 use crate::error::Result;
-use crate::eval::{EvalResult, evaluate};
+use crate::eval::{EvalResult, evaluate_examples};
 
 use super::{EvalPoint, Trainer};
 
@@ -19,7 +19,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         let inner = self.model().valid();
         let mut out = BTreeMap::new();
         for (name, seqs) in &self.data.eval_sets {
-            let r = evaluate(&inner, seqs, self.config.batch_size, &self.device, |_| {})?;
+            let r = evaluate_examples(&inner, seqs, self.config.batch_size, &self.device, |_| {})?;
             out.insert(name.clone(), r);
         }
         if self.step == 0 && self.resumed.is_none() {

@@ -435,7 +435,11 @@ fn describe<B: AutodiffBackend>(t: &Trainer<B>) -> String {
         t.data.stream.len(),
         c.seq_len,
         t.data.stream.sources().len(),
-        if c.packing { ", packed" } else { "" },
+        if c.packing == crate::config::PackMode::None {
+            String::new()
+        } else {
+            format!(", packing {}", c.packing)
+        },
         t.total_steps(),
         c.batch_size * c.grad_accum,
         c.batch_size,

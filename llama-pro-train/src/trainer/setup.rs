@@ -16,10 +16,14 @@ use llama_pro_core::model::LlamaForCausalLM;
 use llama_pro_core::weights::Checkpoint;
 use llama_pro_core::{DType, HfConfig, Tokenizer};
 
-use crate::config::{DataSource, Method, TrainConfig};
-use crate::dataset::{DataContext, ExampleStream, Source, load_source, split_validation};
+use crate::config::{DataSource, Method, PackMode, Stage, TrainConfig};
+use crate::dataset::{
+    ChatData, DataContext, Example, ExampleStream, Source, load_source, pack_neat, split_validation,
+};
 use crate::error::{Result, TrainError};
 use crate::optim::FusedAdamW;
+use crate::sft::{Encoder, LabelMode};
+use llama_pro_core::ChatTemplate;
 
 use super::{Event, Observer};
 
@@ -189,6 +193,7 @@ impl ModelInfo {
             vocab_size: c.vocab_size,
             seq_len: config.seq_len,
             packing: config.packing,
+            chat: None,
             eos: self
                 .tokenizer
                 .as_ref()
@@ -260,8 +265,8 @@ fn check_dtype_support<B: AutodiffBackend>(device: &B::Device, dtype: DType) -> 
 pub struct TrainData {
     /// Training examples in a seeded, resumable order.
     pub stream: ExampleStream,
-    /// Evaluation sets by name: windows read like the training data.
-    pub eval_sets: Vec<(String, Vec<Vec<u32>>)>,
+    /// Evaluation sets by name: examples read like the training data (never packed).
+    pub eval_sets: Vec<(String, Vec<Example>)>,
 }
 
 impl TrainData {
@@ -274,7 +279,52 @@ impl TrainData {
         observer: &mut dyn Observer,
     ) -> Result<Self> {
         let cache = config.token_cache.then(crate::data::default_cache_dir);
-        let ctx = model.info.data_context(config, cache.as_deref());
+        let mut ctx = model.info.data_context(config, cache.as_deref());
+        // Supervised fine-tuning: conversations through the model's chat template. A model
+        // without one can still train on pre-tokenized `input_ids` + `labels` lines: the reason
+        // is kept for the first conversation met.
+        let (template, missing) = match config.stage {
+            Stage::Sft => match ChatTemplate::load(&config.model, config.template.as_deref()) {
+                Ok(t) => (Some(t), String::new()),
+                Err(e) => (None, e.to_string()),
+            },
+            Stage::Pretrain => (None, String::new()),
+        };
+        let mode = LabelMode::from_flags(config.train_on_prompt, config.mask_history)?;
+        let encoder = match (&template, model.info.tokenizer.as_ref()) {
+            (Some(template), Some(tokenizer)) => Some(Encoder {
+                template,
+                tokenizer,
+                mode,
+            }),
+            _ => None,
+        };
+        let missing = if template.is_some() && encoder.is_none() {
+            format!(
+                "the model directory {} has no tokenizer.json",
+                config.model.display()
+            )
+        } else {
+            missing
+        };
+        if let (Some(e), Some(t)) = (&encoder, &template) {
+            observer.on_event(&Event::Info(&format!(
+                "chat template: {}; loss on {}",
+                t.origin(),
+                match e.mode {
+                    LabelMode::Assistant => "every answer",
+                    LabelMode::All => "every token (train_on_prompt)",
+                    LabelMode::Last => "the last answer (mask_history)",
+                }
+            )));
+        }
+        if config.stage == Stage::Sft {
+            ctx.chat = Some(ChatData {
+                encoder: encoder.as_ref(),
+                format: config.format,
+                missing: &missing,
+            });
+        }
         let mut sources: Vec<Source> = config
             .data
             .iter()
@@ -309,6 +359,18 @@ impl TrainData {
             }
             if !val.is_empty() {
                 eval_sets.push(("val".into(), val));
+            }
+        }
+        if config.packing == PackMode::Neat {
+            for s in &mut sources {
+                let n = s.windows.len();
+                s.windows = pack_neat(std::mem::take(&mut s.windows), config.seq_len);
+                observer.on_event(&Event::Info(&format!(
+                    "{}: {n} examples packed into {} rows of {} tokens (neat packing: no attention across examples)",
+                    s.path.display(),
+                    s.windows.len(),
+                    config.seq_len
+                )));
             }
         }
         Ok(Self {

@@ -8,11 +8,11 @@ use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
 use llama_pro_core::burn;
-use llama_pro_core::model::{LlamaForCausalLM, causal_lm_loss_sum};
+use llama_pro_core::model::{LlamaForCausalLM, causal_lm_loss_weighted};
 use llama_pro_core::params::{NamedVisitor, visit_named};
 
 use crate::error::{Result, TrainError};
-use crate::eval::{pad_batch, scalar};
+use crate::eval::{batch_examples, scalar};
 
 use super::setup::Group;
 use super::{StepMetrics, Trainer};
@@ -38,17 +38,22 @@ impl<B: AutodiffBackend> Trainer<B> {
         let mut acc = GradientsAccumulator::<LlamaForCausalLM<B>>::new();
         let (mut loss_sum, mut tokens) = (0f64, 0usize);
         for _ in 0..accum {
-            let batch = self.data.stream.next_batch(batch_size);
-            let (ids, mask) = pad_batch::<B>(&batch, &self.device);
-            // Predicted tokens are known on the host (L - 1 per sequence): one device sync per
-            // micro-batch, for the loss value that the non-finite check needs.
-            tokens += batch
-                .iter()
-                .map(|s| s.len().saturating_sub(1))
-                .sum::<usize>();
+            let examples = self.data.stream.next_batch(batch_size);
+            let batch = batch_examples::<B>(&examples, &self.device);
+            if batch.targets == 0 {
+                return Err(TrainError::Invalid(format!(
+                    "step {}: a micro-batch of {batch_size} examples has no trained token",
+                    self.step + 1
+                )));
+            }
+            // Counts are known on the host: one device sync per micro-batch, for the loss value
+            // that the non-finite check needs. Throughput counts the positions that predict a
+            // token (L - 1 per row), trained or not.
+            tokens += batch.tokens.saturating_sub(examples.len());
             let model = self.model();
-            let (sum, n) = causal_lm_loss_sum(model.forward(ids.clone()), ids, mask);
-            let loss = sum / n;
+            let logits = model.forward_packed(batch.ids.clone(), batch.packing.as_ref());
+            let (sum, _) = causal_lm_loss_weighted(logits, batch.ids, batch.weights);
+            let loss = sum / batch.targets as f64;
             let value = scalar(loss.clone())?;
             self.finite("loss", value)?;
             loss_sum += value;
