@@ -662,3 +662,44 @@ val_fraction = 0.0
     let e = crate::cli::run_err(&["pipeline", recipe.to_str().unwrap()]);
     assert!(e.contains("[sft]") && e.contains("lr"), "{e}");
 }
+
+#[test]
+fn long_conversations_are_cut_at_seq_len_and_counted() {
+    use llama_pro::train::sft::load_examples;
+    let dir = template_dir("llama3");
+    let (t, tok) = (
+        ChatTemplate::from_dir(&dir).unwrap().unwrap(),
+        Tokenizer::from_dir(&dir, None, &[]).unwrap(),
+    );
+    let enc = Encoder {
+        template: &t,
+        tokenizer: &tok,
+        mode: LabelMode::Assistant,
+    };
+    let data = chat_fixtures().join("conversations/openai.jsonl");
+    let lines = read_records(&data, ChatFormat::Auto).unwrap().len();
+    let (all, stats) = load_examples(&data, ChatFormat::Auto, Some(&enc), "", 320, 4096).unwrap();
+    assert_eq!((stats.kept, stats.truncated, stats.dropped), (lines, 0, 0));
+    let longest = all.iter().map(|e| e.input_ids.len()).max().unwrap();
+    // Cut below the longest: that one loses its end, keeps its start, labels cut alike.
+    let (cut, stats) =
+        load_examples(&data, ChatFormat::Auto, Some(&enc), "", 320, longest - 5).unwrap();
+    println!("{stats:?}");
+    assert!(stats.truncated >= 1 && stats.kept + stats.dropped == lines);
+    for e in &cut {
+        assert!(e.input_ids.len() <= longest - 5 && e.labels.len() == e.input_ids.len());
+        let full = all
+            .iter()
+            .find(|a| a.input_ids.starts_with(&e.input_ids))
+            .unwrap();
+        assert_eq!(e.labels[..], full.labels[..e.labels.len()]);
+    }
+    // So short that no answer is left: every conversation dropped, and said.
+    let e = load_examples(&data, ChatFormat::Auto, Some(&enc), "", 320, 8)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("no example left") && e.contains("dropped"),
+        "{e}"
+    );
+}
