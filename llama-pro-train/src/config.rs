@@ -571,7 +571,7 @@ impl TrainConfig {
         } else if self.train_on_prompt || self.mask_history || self.template.is_some() {
             return bad(
                 "stage",
-                "train_on_prompt, mask_history and template apply to supervised fine-tuning (stage = \"sft\")".into(),
+                "train_on_prompt, mask_history and template apply to supervised fine-tuning: run `llama-pro sft` (in TOML: stage = \"sft\")".into(),
             );
         }
         if let Some(d) = self.data.iter().find(|d| !finite_pos(d.weight)) {

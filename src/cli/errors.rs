@@ -7,7 +7,7 @@ use llama_pro::train::TrainError;
 /// The flag that sets a library key (`warmup_ratio` → `--warmup-ratio`).
 fn flag(key: &str) -> String {
     match key {
-        "stage" => "the command (`train` or `sft`)".into(),
+        "stage" => "stage".into(),
         "token_cache" => "--no-token-cache".into(),
         k => format!("--{}", k.replace('_', "-")),
     }
