@@ -75,21 +75,42 @@ impl Example {
     }
 }
 
-/// Pack examples into rows of at most `seq_len` tokens, whole examples only, by first-fit in
-/// order of decreasing length (LLaMA-Factory's knapsack for `neat_packing`); ties keep the input
-/// order, so the result depends only on the input.
+/// Pack examples into rows of at most `seq_len` tokens, whole examples only, by best fit in
+/// order of decreasing length (each example goes to the fullest row it fits in, as
+/// LLaMA-Factory's knapsack for `neat_packing` does); ties keep the input order, so the result
+/// depends only on the input. O(n log n): rows are indexed by their free space.
 pub fn pack_neat(examples: Vec<Example>, seq_len: usize) -> Vec<Example> {
     let mut order: Vec<usize> = (0..examples.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(examples[i].len()));
     let mut bins: Vec<(usize, Vec<usize>)> = Vec::new();
+    // Free space → rows with that much room (the lowest index first).
+    let mut by_room: std::collections::BTreeMap<usize, std::collections::BTreeSet<usize>> =
+        Default::default();
     for i in order {
         let n = examples[i].len();
-        match bins.iter_mut().find(|(used, _)| used + n <= seq_len) {
-            Some((used, items)) => {
-                *used += n;
-                items.push(i);
+        let fit = by_room
+            .range(n..)
+            .next()
+            .and_then(|(&room, rows)| Some((room, *rows.first()?)));
+        let b = match fit {
+            Some((room, b)) => {
+                let rows = by_room.get_mut(&room).expect("the row was just found here");
+                rows.remove(&b);
+                if rows.is_empty() {
+                    by_room.remove(&room);
+                }
+                bins[b].0 += n;
+                bins[b].1.push(i);
+                b
             }
-            None => bins.push((n, vec![i])),
+            None => {
+                bins.push((n, vec![i]));
+                bins.len() - 1
+            }
+        };
+        let room = seq_len.saturating_sub(bins[b].0);
+        if room > 0 {
+            by_room.entry(room).or_default().insert(b);
         }
     }
     bins.into_iter()
