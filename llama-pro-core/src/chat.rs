@@ -288,7 +288,8 @@ impl ChatTemplate {
     }
 }
 
-fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
+/// A JSON file, `None` when it does not exist.
+pub(crate) fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
     match std::fs::read_to_string(path) {
         Ok(text) => serde_json::from_str(&text)
             .map(Some)

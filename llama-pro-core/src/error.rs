@@ -138,6 +138,14 @@ pub enum CoreError {
         /// What went wrong (the template's own `raise_exception` message, or minijinja's).
         message: String,
     },
+    /// A GGUF file that cannot be read, or holds something we cannot convert.
+    #[error("{path}: GGUF: {message}")]
+    Gguf {
+        /// The file.
+        path: PathBuf,
+        /// What was found and what was expected.
+        message: String,
+    },
     /// Anything else, with a message naming the culprit.
     #[error("{0}")]
     Invalid(String),
@@ -154,6 +162,12 @@ impl CoreError {
     pub fn setting(key: impl Into<String>, message: impl Into<String>) -> Self {
         Self::Setting {
             key: key.into(),
+            message: message.into(),
+        }
+    }
+    pub(crate) fn gguf(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Self::Gguf {
+            path: path.into(),
             message: message.into(),
         }
     }

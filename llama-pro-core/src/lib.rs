@@ -19,6 +19,7 @@ pub mod error;
 pub mod expand;
 pub mod freeze;
 pub mod generate;
+pub mod gguf;
 pub mod linear;
 pub mod mlp;
 pub mod model;

@@ -11,6 +11,10 @@
 //! `scripts/make_instruct.py` from the same corpora) with the library's SFT recipe, and their
 //! loss on the answers of held-out conversations (`instruct-valid.jsonl`) is compared before and
 //! after, with a few greedy answers. The result is a table, a PNG of the losses and a JSON report.
+//!
+//! The same comparison runs on any HuggingFace model directory ([`DemoConfig::model`]) with its
+//! own tokenizer and chat template, on the shipped corpora or others, with extra held-out general
+//! sets reported beside the shipped one ([`DemoConfig::general_eval`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -25,7 +29,7 @@ use llama_pro_core::device::{
 use llama_pro_core::expand::{ExpansionPlan, expand_checkpoint};
 use llama_pro_core::generate::{GenerationConfig, generate};
 use llama_pro_core::save::{SaveOptions, write_json};
-use llama_pro_core::{ChatTemplate, HfConfig, LlamaForCausalLM, Message, Tokenizer};
+use llama_pro_core::{ChatTemplate, DType, HfConfig, LlamaForCausalLM, Message, Tokenizer};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{DataSource, EvalSet, Method, TrainConfig};
@@ -102,6 +106,12 @@ pub struct DemoConfig {
     /// Directory with `base/`, `{general,domain}-{train,valid}.jsonl` and (for the SFT stage)
     /// `instruct-{train,valid}.jsonl`.
     pub data_dir: PathBuf,
+    /// The base model: a HuggingFace model directory (config, weights, tokenizer). `None`: the
+    /// toy model shipped in `data_dir/base`.
+    pub model: Option<PathBuf>,
+    /// Extra held-out general sets (`NAME=FILE`), evaluated and reported beside `general` (the
+    /// data directory's `general-valid.jsonl`).
+    pub general_eval: Vec<EvalSet>,
     /// Where runs, the plot and the report go.
     pub output: PathBuf,
     /// Methods, in order.
@@ -114,14 +124,21 @@ pub struct DemoConfig {
     pub seq_len: usize,
     /// Peak learning rate (every method).
     pub lr: f64,
-    /// Interleaved expansion: groups (one identity block after each group's top block).
+    /// Interleaved expansion: groups (`copies` identity blocks after each group's top block);
+    /// prefix and suffix stacking add as many blocks. 0: the paper's ratio, one new block per
+    /// four base blocks (LLaMA-2 7B: 32 -> 40), as the divisor of the layer count nearest to
+    /// a quarter of it ([`paper_groups`]).
     pub groups: usize,
+    /// Identity blocks added per group.
+    pub copies: usize,
     /// LoRA rank.
     pub lora_rank: usize,
     /// Evaluations during each run (besides before and after).
     pub evals_during: usize,
-    /// Windows of each evaluation set.
+    /// Windows (of `seq_len` tokens) of each evaluation set.
     pub eval_sequences: usize,
+    /// Compute dtype of every run: f32, or bf16/f16 mixed precision (f32 master weights).
+    pub dtype: DType,
     /// The run fails if LLaMA Pro's general loss rises by more than this many percent.
     pub max_general_change_pct: f64,
     /// Seed of data order and adapter init.
@@ -137,6 +154,9 @@ pub struct DemoConfig {
     pub sft_seq_len: usize,
     /// SFT: peak learning rate (the paper's 2e-5 is for a 8 B model; this toy model needs more).
     pub sft_lr: f64,
+    /// SFT: chat template (a built-in name or a `.jinja` file). `None`: the model's own, or the
+    /// built-in chatml for a model without one (the toy).
+    pub template: Option<String>,
     /// SFT: held-out conversations evaluated (`None`: all of `instruct-valid.jsonl`).
     pub sft_eval_conversations: Option<usize>,
     /// SFT: greedy answers to the first held-out prompts.
@@ -149,6 +169,8 @@ impl Default for DemoConfig {
     fn default() -> Self {
         Self {
             data_dir: default_data_dir(),
+            model: None,
+            general_eval: Vec::new(),
             output: PathBuf::from("demo-output"),
             methods: DemoMethod::ALL.to_vec(),
             steps: 150,
@@ -157,9 +179,11 @@ impl Default for DemoConfig {
             // The paper's learning rate, for every method (see the README for 5e-4 and 1e-3).
             lr: 2e-4,
             groups: 2,
+            copies: 1,
             lora_rank: 8,
             evals_during: 5,
             eval_sequences: 48,
+            dtype: DType::F32,
             max_general_change_pct: 5.0,
             seed: 0,
             device: DeviceSpec::Cpu,
@@ -167,6 +191,7 @@ impl Default for DemoConfig {
             sft_steps: 60,
             sft_seq_len: 256,
             sft_lr: 1e-3,
+            template: None,
             sft_eval_conversations: None,
             sft_answers: 3,
             sft_answer_tokens: 24,
@@ -199,7 +224,49 @@ impl DemoConfig {
     pub fn total_steps(&self) -> usize {
         self.steps * self.methods.len() + self.sft_steps * self.sft_models()
     }
+
+    /// The base model directory: [`DemoConfig::model`], else the shipped toy in `data_dir/base`.
+    pub fn base_dir(&self) -> PathBuf {
+        self.model
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("base"))
+    }
+
+    /// The held-out general sets: `general` (the data directory's `general-valid.jsonl`), then
+    /// [`DemoConfig::general_eval`].
+    pub fn general_sets(&self) -> Vec<String> {
+        std::iter::once(GENERAL.to_string())
+            .chain(self.general_eval.iter().map(|e| e.name.clone()))
+            .collect()
+    }
+
+    /// Groups of the interleaved expansion of a base with `layers` blocks (resolving 0).
+    pub fn groups_for(&self, layers: usize) -> usize {
+        match self.groups {
+            0 => paper_groups(layers),
+            g => g,
+        }
+    }
 }
+
+/// The paper's expansion ratio for a base of `layers` blocks: one new block per four (LLaMA-2
+/// 7B: 8 groups of 4, 32 -> 40 blocks), as the divisor of `layers` nearest to `layers / 4`
+/// (the smaller one on a tie). SmolLM2-135M's 30 blocks: 6 groups (30 -> 36).
+pub fn paper_groups(layers: usize) -> usize {
+    let target = layers as f64 / 4.0;
+    (1..=layers.max(1))
+        .filter(|g| layers % g == 0)
+        .min_by(|a, b| {
+            let (da, db) = ((*a as f64 - target).abs(), (*b as f64 - target).abs());
+            da.total_cmp(&db)
+        })
+        .unwrap_or(1)
+}
+
+/// The evaluation set of the data directory's held-out general text.
+const GENERAL: &str = "general";
+/// The evaluation set of the held-out domain text.
+const DOMAIN: &str = "domain";
 
 /// `data/` of the repository: `./data` if it has the base model, else the one next to this
 /// crate's sources (so `cargo run` works from any directory of the checkout).
@@ -380,7 +447,8 @@ pub fn answer_of(generated: &str) -> &str {
 /// Greedy answers of a model directory to user prompts, through a chat template.
 struct Answers<'a> {
     dir: &'a Path,
-    template: &'a str,
+    /// `None`: the model's own.
+    template: Option<&'a str>,
     prompts: &'a [String],
     max_new_tokens: usize,
 }
@@ -391,7 +459,7 @@ impl OnBackend for Answers<'_> {
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         let (model, hf) = LlamaForCausalLM::<B>::from_pretrained(self.dir, &device, None)?;
         let tok = Tokenizer::from_dir(self.dir, hf.config.bos_token_id, &hf.config.eos_token_ids)?;
-        let template = ChatTemplate::load(self.dir, Some(self.template))?;
+        let template = ChatTemplate::load(self.dir, self.template)?;
         let cfg = GenerationConfig {
             max_new_tokens: self.max_new_tokens,
             temperature: 0.0,
@@ -408,6 +476,49 @@ impl OnBackend for Answers<'_> {
         }
         Ok(out)
     }
+}
+
+/// Checks that `dir` is a HuggingFace model directory the demo can start from: its config,
+/// weights and tokenizer are there.
+fn model_dir(dir: &Path) -> Result<PathBuf> {
+    let bad = |what: String| {
+        Err(TrainError::setting(
+            "model",
+            format!("{}: {what}", dir.display()),
+        ))
+    };
+    if !dir.is_dir() {
+        return bad(
+            "no such directory (give a HuggingFace model directory: config.json, \
+             *.safetensors, tokenizer.json; `llama-pro import-gguf` makes one from a GGUF file)"
+                .into(),
+        );
+    }
+    if !dir.join("config.json").is_file() {
+        return bad("no config.json: not a HuggingFace model directory".into());
+    }
+    let weights = std::fs::read_dir(dir)
+        .map_err(|source| TrainError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?
+        .filter_map(|e| e.ok())
+        .any(|e| e.file_name().to_string_lossy().ends_with(".safetensors"));
+    if !weights {
+        return bad(
+            "no *.safetensors weights (a PyTorch .bin checkpoint: re-save it as \
+             safetensors; a GGUF file: `llama-pro import-gguf`)"
+                .into(),
+        );
+    }
+    if !dir.join("tokenizer.json").is_file() {
+        return bad(
+            "no tokenizer.json: the demo needs the model's own (fast) tokenizer to read \
+             its corpora"
+                .into(),
+        );
+    }
+    Ok(dir.to_path_buf())
 }
 
 fn data_file(dir: &Path, name: &str) -> Result<PathBuf> {
@@ -431,7 +542,10 @@ fn data_file(dir: &Path, name: &str) -> Result<PathBuf> {
 /// its general loss stayed within the configured bound and SFT lowered the held-out answer
 /// loss.
 pub fn run_demo(cfg: &DemoConfig, observer: &mut dyn Observer) -> Result<DemoReport> {
-    let base = data_file(&cfg.data_dir, "base")?;
+    let base = match &cfg.model {
+        Some(dir) => model_dir(dir)?,
+        None => data_file(&cfg.data_dir, "base")?,
+    };
     let domain_train = data_file(&cfg.data_dir, "domain-train.jsonl")?;
     let general_valid = data_file(&cfg.data_dir, "general-valid.jsonl")?;
     let domain_valid = data_file(&cfg.data_dir, "domain-valid.jsonl")?;
@@ -461,6 +575,37 @@ pub fn run_demo(cfg: &DemoConfig, observer: &mut dyn Observer) -> Result<DemoRep
     if cfg.steps == 0 {
         return Err(TrainError::setting("steps", "must be at least 1"));
     }
+    if cfg.copies == 0 {
+        return Err(TrainError::setting("copies", "must be at least 1"));
+    }
+    let mut eval = vec![
+        EvalSet {
+            name: GENERAL.into(),
+            path: general_valid.clone(),
+        },
+        EvalSet {
+            name: DOMAIN.into(),
+            path: domain_valid.clone(),
+        },
+    ];
+    for e in &cfg.general_eval {
+        if eval.iter().any(|x| x.name == e.name) {
+            return Err(TrainError::setting(
+                "general_eval",
+                format!(
+                    "{:?}: taken (the names must differ from each other and from general and domain)",
+                    e.name
+                ),
+            ));
+        }
+        if !e.path.is_file() {
+            return Err(TrainError::setting(
+                "general_eval",
+                format!("{}={}: no such file", e.name, e.path.display()),
+            ));
+        }
+        eval.push(e.clone());
+    }
     if cfg.sft && cfg.sft_steps == 0 {
         return Err(TrainError::setting(
             "sft_steps",
@@ -473,12 +618,14 @@ pub fn run_demo(cfg: &DemoConfig, observer: &mut dyn Observer) -> Result<DemoRep
     })?;
     let base_cfg = llama_pro_core::HfConfig::from_path(&base)?.config;
     let l = base_cfg.num_hidden_layers;
-    if cfg.groups == 0 || l % cfg.groups != 0 {
+    let groups = cfg.groups_for(l);
+    if l % groups != 0 {
         return Err(TrainError::setting(
             "groups",
-            format!("{}: must divide the base model's {l} layers", cfg.groups),
+            format!("{groups}: must divide the base model's {l} layers"),
         ));
     }
+    let added = groups * cfg.copies;
     let tokens = cfg.steps * cfg.batch_size * cfg.seq_len;
     observer.on_event(&Event::Info(&format!(
         "base model {} ({} layers, {} parameters); every method trains on {} domain tokens ({} steps x {} x {})",
@@ -501,11 +648,11 @@ pub fn run_demo(cfg: &DemoConfig, observer: &mut dyn Observer) -> Result<DemoRep
         observer.on_event(&Event::Phase(name));
         let plan = match m {
             DemoMethod::Pro => Some(ExpansionPlan::Interleaved {
-                groups: cfg.groups,
-                copies: 1,
+                groups,
+                copies: cfg.copies,
             }),
-            DemoMethod::Prefix => Some(ExpansionPlan::Bottom { k: cfg.groups }),
-            DemoMethod::Suffix => Some(ExpansionPlan::Top { k: cfg.groups }),
+            DemoMethod::Prefix => Some(ExpansionPlan::Bottom { k: added }),
+            DemoMethod::Suffix => Some(ExpansionPlan::Top { k: added }),
             DemoMethod::Full | DemoMethod::Lora => None,
         };
         let (model_dir, identity) = match &plan {
@@ -560,16 +707,8 @@ pub fn run_demo(cfg: &DemoConfig, observer: &mut dyn Observer) -> Result<DemoRep
             batch_size: cfg.batch_size,
             seq_len: cfg.seq_len,
             lr: cfg.lr,
-            eval: vec![
-                EvalSet {
-                    name: "general".into(),
-                    path: general_valid.clone(),
-                },
-                EvalSet {
-                    name: "domain".into(),
-                    path: domain_valid.clone(),
-                },
-            ],
+            dtype: cfg.dtype,
+            eval: eval.clone(),
             eval_max_sequences: Some(cfg.eval_sequences),
             eval_every: (cfg.steps / (cfg.evals_during + 1)).max(1),
             log_every: 0,
@@ -596,7 +735,7 @@ pub fn run_demo(cfg: &DemoConfig, observer: &mut dyn Observer) -> Result<DemoRep
             method: name.into(),
             trainable_params: r.trainable_params,
             total_params: r.total_params,
-            layers: l + plan.as_ref().map_or(0, |_| cfg.groups),
+            layers: l + plan.as_ref().map_or(0, |_| added),
             identity_max_abs_diff: identity,
             // A fresh run logs the evaluation before (step 0) first and after (last step) last.
             before: r.evals.first().map(|e| e.loss.clone()).unwrap_or_default(),
@@ -606,23 +745,38 @@ pub fn run_demo(cfg: &DemoConfig, observer: &mut dyn Observer) -> Result<DemoRep
             seconds,
             tokens_per_sec: r.tokens_per_sec,
         };
+        let general: String = cfg
+            .general_sets()
+            .iter()
+            .map(|set| {
+                format!(
+                    ", {set} {:.3} -> {:.3} ({:+.2}%)",
+                    loss_of(&run.before, set),
+                    loss_of(&run.after, set),
+                    run.change_pct(set)
+                )
+            })
+            .collect();
         observer.on_event(&Event::Info(&format!(
-            "{name}: domain {:.3} -> {:.3}, general {:.3} -> {:.3} ({:+.2}%), {seconds:.0} s",
-            loss_of(&run.before, "domain"),
-            loss_of(&run.after, "domain"),
-            loss_of(&run.before, "general"),
-            loss_of(&run.after, "general"),
-            run.change_pct("general")
+            "{name}: domain {:.3} -> {:.3}{general}, {seconds:.0} s",
+            loss_of(&run.before, DOMAIN),
+            loss_of(&run.after, DOMAIN),
         )));
         if m == DemoMethod::Pro {
-            let g = run.change_pct("general");
-            let ok = g.is_finite() && g <= cfg.max_general_change_pct;
-            let line = format!(
-                "{name}: general loss changed {g:+.2}% (bound: at most +{}%)",
-                cfg.max_general_change_pct
-            );
-            passed &= ok;
-            verdict.push(format!("{} {line}", if ok { "ok  " } else { "FAIL" }));
+            for set in cfg.general_sets() {
+                let g = run.change_pct(&set);
+                let ok = g.is_finite() && g <= cfg.max_general_change_pct;
+                let what = match set.as_str() {
+                    GENERAL => "general loss".to_string(),
+                    _ => format!("general loss on {set}"),
+                };
+                let line = format!(
+                    "{name}: {what} changed {g:+.2}% (bound: at most +{}%)",
+                    cfg.max_general_change_pct
+                );
+                passed &= ok;
+                verdict.push(format!("{} {line}", if ok { "ok  " } else { "FAIL" }));
+            }
         }
         runs.push(run);
     }
@@ -633,7 +787,7 @@ pub fn run_demo(cfg: &DemoConfig, observer: &mut dyn Observer) -> Result<DemoRep
                 models.push((DemoMethod::Pro.name(), dir.clone()));
             }
             models.push(("base", base.clone()));
-            let s = run_sft(cfg, train_file, valid_file, &models, observer)?;
+            let s = run_sft(cfg, &base, train_file, valid_file, &models, observer)?;
             for run in &s.runs {
                 let ok = run.answer_loss_after < run.answer_loss_before;
                 let line = format!(
@@ -675,12 +829,20 @@ const ANSWERS: &str = "answers";
 /// before and after; greedy answers of each fine-tuned model to the first held-out prompts.
 fn run_sft(
     cfg: &DemoConfig,
+    base: &Path,
     train_file: &Path,
     valid_file: &Path,
     models: &[(&str, PathBuf)],
     observer: &mut dyn Observer,
 ) -> Result<SftReport> {
-    let template = "chatml";
+    // The chosen template, else the model's own (the expanded and trained models carry the
+    // base's tokenizer files), else chatml.
+    let choice = match &cfg.template {
+        Some(t) => Some(t.clone()),
+        None if ChatTemplate::from_dir(base)?.is_some() => None,
+        None => Some("chatml".to_string()),
+    };
+    let template = choice.as_deref().unwrap_or("the model's own");
     // The first held-out conversations: prompts for the greedy answers.
     let held_out: Vec<(String, String)> = read_records(valid_file, ChatFormat::Auto)?
         .into_iter()
@@ -717,11 +879,12 @@ fn run_sft(
             model: dir.clone(),
             data: vec![DataSource::new(train_file)],
             output: cfg.output.join("runs").join(format!("sft-{name}")),
-            template: Some(template.into()),
+            template: choice.clone(),
             max_steps: Some(cfg.sft_steps),
             batch_size: cfg.batch_size,
             seq_len: cfg.sft_seq_len,
             lr: cfg.sft_lr,
+            dtype: cfg.dtype,
             eval: vec![EvalSet {
                 name: ANSWERS.into(),
                 path: valid_file.to_path_buf(),
@@ -749,7 +912,7 @@ fn run_sft(
                 cfg.device,
                 Answers {
                     dir: out,
-                    template,
+                    template: choice.as_deref(),
                     prompts: &prompts,
                     max_new_tokens: cfg.sft_answer_tokens,
                 },
@@ -805,36 +968,40 @@ fn loss_of(m: &BTreeMap<String, f64>, k: &str) -> f64 {
     m.get(k).copied().unwrap_or(f64::NAN)
 }
 
-/// The results table.
+/// The results table: per method, the held-out domain loss and every held-out general set's
+/// (`general`, then [`DemoConfig::general_eval`]) before and after, and the time.
 pub fn demo_table(r: &DemoReport) -> String {
+    let sets = r.config.general_sets();
     let mut s = format!(
-        "{:<10} {:>10} {:>6} | {:>7} {:>7} {:>8} | {:>7} {:>7} {:>8} | {:>6}\n",
-        "method",
-        "trainable",
-        "layers",
-        "domain",
-        "after",
-        "change",
-        "general",
-        "after",
-        "change",
-        "time"
+        "{:<10} {:>10} {:>6} | {:>7} {:>7} {:>8} |",
+        "method", "trainable", "layers", DOMAIN, "after", "change"
     );
-    s += &format!("{}\n", "-".repeat(96));
+    for set in &sets {
+        s += &format!(" {set:>7} {:>7} {:>8} |", "after", "change");
+    }
+    s += &format!(" {:>6}\n", "time");
+    let width = 69 + sets.iter().map(|n| n.len().max(7) + 20).sum::<usize>();
+    s += &format!("{}\n", "-".repeat(width));
     for run in &r.runs {
         s += &format!(
-            "{:<10} {:>10} {:>6} | {:>7.3} {:>7.3} {:>+7.1}% | {:>7.3} {:>7.3} {:>+7.2}% | {:>5.0}s\n",
+            "{:<10} {:>10} {:>6} | {:>7.3} {:>7.3} {:>+7.1}% |",
             run.method,
             run.trainable_params,
             run.layers,
-            loss_of(&run.before, "domain"),
-            loss_of(&run.after, "domain"),
-            run.change_pct("domain"),
-            loss_of(&run.before, "general"),
-            loss_of(&run.after, "general"),
-            run.change_pct("general"),
-            run.seconds
+            loss_of(&run.before, DOMAIN),
+            loss_of(&run.after, DOMAIN),
+            run.change_pct(DOMAIN),
         );
+        for set in &sets {
+            let w = set.len().max(7);
+            s += &format!(
+                " {:>w$.3} {:>7.3} {:>+7.2}% |",
+                loss_of(&run.before, set),
+                loss_of(&run.after, set),
+                run.change_pct(set),
+            );
+        }
+        s += &format!(" {:>5.0}s\n", run.seconds);
     }
     if let Some(sft) = &r.sft {
         s += "\n";
@@ -904,28 +1071,40 @@ pub fn plot_demo(r: &DemoReport, path: &Path) -> Result<()> {
             })
             .collect()
     };
-    let panels = [
-        Panel {
-            title: "domain loss (held-out code)".into(),
+    let sets = r.config.general_sets();
+    let mut panels = vec![Panel {
+        title: "domain loss (held-out code)".into(),
+        x_label: "optimizer step".into(),
+        y_label: "loss".into(),
+        series: series(&|e| e.loss.get(DOMAIN).map(|l| (e.step as f64, *l))),
+    }];
+    for set in &sets {
+        panels.push(Panel {
+            title: match set.as_str() {
+                GENERAL => "general loss (held-out prose)".into(),
+                _ => format!("general loss (held-out {set})"),
+            },
             x_label: "optimizer step".into(),
             y_label: "loss".into(),
-            series: series(&|e| e.loss.get("domain").map(|l| (e.step as f64, *l))),
+            series: series(&|e| e.loss.get(set).map(|l| (e.step as f64, *l))),
+        });
+    }
+    // With several general sets: their mean loss.
+    let general = |e: &EvalPoint| -> Option<f64> {
+        let l: Option<Vec<f64>> = sets.iter().map(|s| e.loss.get(s).copied()).collect();
+        l.map(|l| l.iter().sum::<f64>() / l.len() as f64)
+    };
+    panels.push(Panel {
+        title: "forgetting: general vs domain".into(),
+        x_label: "domain loss".into(),
+        y_label: match sets.len() {
+            1 => "general loss".into(),
+            _ => format!("mean general loss ({})", sets.join(", ")),
         },
-        Panel {
-            title: "general loss (held-out prose)".into(),
-            x_label: "optimizer step".into(),
-            y_label: "loss".into(),
-            series: series(&|e| e.loss.get("general").map(|l| (e.step as f64, *l))),
-        },
-        Panel {
-            title: "forgetting: general vs domain".into(),
-            x_label: "domain loss".into(),
-            y_label: "general loss".into(),
-            series: series(&|e| match (e.loss.get("domain"), e.loss.get("general")) {
-                (Some(d), Some(g)) => Some((*d, *g)),
-                _ => None,
-            }),
-        },
-    ];
+        series: series(&|e| match (e.loss.get(DOMAIN), general(e)) {
+            (Some(d), Some(g)) => Some((*d, g)),
+            _ => None,
+        }),
+    });
     write_png(path, &panels, (560, 420))
 }

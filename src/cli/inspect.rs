@@ -21,7 +21,8 @@ use super::{choice, dtype_parser, human_bytes, human_count, parse_size};
 /// `llama-pro inspect`
 #[derive(Args, Debug)]
 pub struct InspectArgs {
-    /// Model directory (config.json + model.safetensors or a sharded index).
+    /// Model directory (config.json + model.safetensors or a sharded index), or a GGUF file
+    /// (its metadata, configuration and tensor types).
     pub model: PathBuf,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -98,6 +99,9 @@ impl InspectArgs {
 
 pub fn run(a: &InspectArgs) -> anyhow::Result<()> {
     let dir = existing(&a.model)?;
+    if dir.is_file() {
+        return inspect_gguf(a, &dir);
+    }
     let hf = HfConfig::from_path(&dir)?;
     let c = &hf.config;
     let ckpt = Checkpoint::open(&dir)?;
@@ -254,6 +258,78 @@ pub fn run(a: &InspectArgs) -> anyhow::Result<()> {
             "warning        the checkpoint stores {stored_params} parameters, config.json implies {}",
             c.num_params()
         );
+    }
+    Ok(())
+}
+
+/// `inspect FILE.gguf`: the configuration it describes, tensor types and metadata.
+fn inspect_gguf(a: &InspectArgs, path: &std::path::Path) -> anyhow::Result<()> {
+    use llama_pro::core::gguf::{GgufFile, convert::config_from_gguf};
+    if a.trainable.is_some() || a.memory {
+        anyhow::bail!(
+            "--trainable and --memory need a HuggingFace directory; convert the GGUF file first: \
+             llama-pro import-gguf {} --output DIR",
+            path.display()
+        );
+    }
+    let file = GgufFile::open(path)?;
+    let config = config_from_gguf(&file);
+    let mut types = std::collections::BTreeMap::new();
+    let mut params = 0usize;
+    let mut bytes = 0usize;
+    for t in &file.tensors {
+        *types.entry(t.ggml_type.name()).or_insert(0usize) += 1;
+        params += t.numel();
+        bytes += t.byte_len();
+    }
+    if a.json {
+        let meta: serde_json::Map<String, serde_json::Value> = file
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.summary().into()))
+            .collect();
+        let v = serde_json::json!({
+            "format": "gguf",
+            "version": file.version,
+            "tensors": file.tensors.len(),
+            "parameters": params,
+            "tensor_bytes": bytes,
+            "types": types,
+            "metadata": meta,
+            "config": config.as_ref().ok(),
+            "config_error": config.as_ref().err().map(|e| e.to_string()),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("{} (GGUF v{})", path.display(), file.version);
+    match &config {
+        Ok(c) => println!(
+            "{}: {} layers, hidden {}, FFN {}, {} query / {} key-value heads of {}, vocab {}{}, rope θ {}",
+            c.architecture.hf_class(),
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+            c.vocab_size,
+            if c.tie_word_embeddings { " (tied)" } else { "" },
+            c.rope_theta
+        ),
+        Err(e) => println!("not importable: {e}"),
+    }
+    let list: Vec<String> = types.iter().map(|(t, n)| format!("{n} {t}")).collect();
+    println!(
+        "{} tensors, {} parameters, {}: {}",
+        file.tensors.len(),
+        human_count(params),
+        human_bytes(bytes),
+        list.join(", ")
+    );
+    println!("metadata:");
+    for (k, v) in &file.metadata {
+        println!("  {k} = {}", v.summary());
     }
     Ok(())
 }

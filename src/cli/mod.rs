@@ -21,6 +21,7 @@ pub mod errors;
 mod eval;
 mod expand;
 mod generate;
+mod gguf;
 mod inspect;
 mod pipeline;
 mod progress;
@@ -50,6 +51,12 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Load a model and write it back as a HuggingFace directory (change dtype or sharding).
     Convert(convert::ConvertArgs),
+    /// Convert a GGUF file (llama.cpp, Ollama, LM Studio) of the LLaMA family into a HuggingFace
+    /// directory: config, dequantised weights, tokenizer and chat template.
+    ImportGguf(gguf::ImportArgs),
+    /// Write a HuggingFace model as GGUF for llama.cpp, Ollama and LM Studio (f16, bf16, q8_0
+    /// or f32; the tokenizer and chat template included), as llama.cpp's converter does.
+    ExportGguf(gguf::ExportArgs),
     /// Grow a model with zero-initialised copies of its blocks (LLaMA Pro block expansion),
     /// streaming tensor by tensor, and check that it computes exactly what the original did.
     Expand(expand::ExpandArgs),
@@ -92,6 +99,8 @@ pub fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Eval(a) => eval::run(&a),
         Command::Generate(a) => generate::run(&a),
         Command::Convert(a) => convert::run(&a),
+        Command::ImportGguf(a) => gguf::run_import(&a),
+        Command::ExportGguf(a) => gguf::run_export(&a),
         Command::Expand(a) => expand::run(&a),
         Command::Train(a) => return train::run(&a),
         Command::Sft(a) => return train::run_sft(&a),

@@ -34,6 +34,8 @@ fn help_on_every_subcommand() {
         "eval",
         "generate",
         "convert",
+        "import-gguf",
+        "export-gguf",
         "expand",
         "train",
         "demo",

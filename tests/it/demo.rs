@@ -406,3 +406,112 @@ fn demo_runs_on_the_shipped_data() {
     assert!(again.sft.is_none(), "the SFT stage switched off");
     let _: PathBuf = out;
 }
+
+/// `demo --model DIR`: the same comparison on another HuggingFace model directory (its own
+/// tokenizer), with the paper's expansion ratio by default and an extra held-out general set
+/// reported beside the shipped one; clear errors for a directory the demo cannot start from.
+#[test]
+fn demo_runs_on_a_model_directory() {
+    use llama_pro::train::demo::paper_groups;
+    assert_eq!(
+        [32, 30, 4, 24, 12, 1].map(paper_groups),
+        [8, 6, 1, 6, 3, 1],
+        "one new block per four base blocks"
+    );
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("data");
+    let out = tmpdir("demo-model");
+    let cfg = DemoConfig {
+        model: Some(model_dir("llama-mha-f32")),
+        general_eval: vec![EvalSet {
+            name: "english".into(),
+            path: data.join("english-valid.jsonl"),
+        }],
+        output: out.clone(),
+        methods: vec![DemoMethod::Pro, DemoMethod::Full],
+        groups: 0,
+        steps: 2,
+        batch_size: 2,
+        seq_len: 32,
+        evals_during: 0,
+        eval_sequences: 2,
+        max_general_change_pct: f64::INFINITY,
+        sft: false,
+        ..DemoConfig::default()
+    };
+    let r = run_demo(&cfg, &mut llama_pro::train::trainer::silent()).unwrap();
+    let table = llama_pro::train::demo::demo_table(&r);
+    print!("{table}");
+    assert!(r.passed, "{:?}", r.verdict);
+    assert_eq!(
+        r.runs[0].layers, 5,
+        "4 layers, paper's ratio: 1 group, 4 -> 5"
+    );
+    assert_eq!(r.runs[0].identity_max_abs_diff, Some(0.0));
+    assert_eq!(r.runs[1].layers, 4);
+    for run in &r.runs {
+        for set in ["general", "domain", "english"] {
+            assert!(
+                run.before[set].is_finite() && run.after[set].is_finite(),
+                "{set}"
+            );
+        }
+        assert_eq!(run.evals.len(), 2, "before and after");
+    }
+    assert_eq!(
+        r.runs[0].before, r.runs[1].before,
+        "the same base, the same windows"
+    );
+    // The fixture's own tokenizer (320 tokens), not the toy's 4096: losses near log(320).
+    assert!(r.runs[1].before["domain"] < 8.0);
+    assert!(table.contains("english"), "{table}");
+    assert!(
+        r.verdict
+            .iter()
+            .any(|v| v.contains("general loss on english")),
+        "{:?}",
+        r.verdict
+    );
+    assert!(is_png(&out.join("forgetting.png")));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("demo.json")).unwrap()).unwrap();
+    assert!(json["runs"][0]["after"]["english"].is_number());
+
+    // Directories the demo cannot start from.
+    let err = |model: PathBuf| {
+        run_demo(
+            &DemoConfig {
+                model: Some(model),
+                ..cfg.clone()
+            },
+            &mut llama_pro::train::trainer::silent(),
+        )
+        .unwrap_err()
+        .to_string()
+    };
+    let e = err(out.join("no-such-model"));
+    assert!(
+        e.contains("no-such-model") && e.contains("no such directory"),
+        "{e}"
+    );
+    let bare = out.join("no-tokenizer");
+    std::fs::create_dir_all(&bare).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(model_dir("llama-mha-f32").join(f), bare.join(f)).unwrap();
+    }
+    let e = err(bare.clone());
+    assert!(e.contains("no tokenizer.json"), "{e}");
+    std::fs::remove_file(bare.join("model.safetensors")).unwrap();
+    let e = err(bare);
+    assert!(e.contains("safetensors"), "{e}");
+    // 3 groups do not divide 4 layers.
+    let e = run_demo(
+        &DemoConfig {
+            groups: 3,
+            ..cfg.clone()
+        },
+        &mut llama_pro::train::trainer::silent(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("must divide"), "{e}");
+}

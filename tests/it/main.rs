@@ -9,6 +9,8 @@ mod common;
 mod demo;
 mod expansion;
 mod generation;
+mod gguf;
+mod gguf_tokenizer;
 mod io;
 mod kernels;
 mod memory;
