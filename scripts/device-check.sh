@@ -14,6 +14,7 @@
 #   bench-7b-pro-4096     llama2-7b-pro (Llama-2-7B 32 -> 40 blocks) pro bf16 seq 4096: peak memory vs the planner
 #   bench-1b-full-2048    1b full fine-tuning bf16 seq 2048
 #   selftest-wgpu         llama-pro selftest --device wgpu
+#   dp-cuda               scripts/dp-check.sh: two data-parallel workers on cuda:0 = one worker with their batch
 #   bench-1b-{pro,full}-{2048,4096}[-ck]   the remaining 1b cases, activation checkpointing off and on
 # Every step writes its JSON and log under $OUT/device-check/, and after every step the whole report is
 # (re)written to $OUT/device-report.json (OUT defaults to ./device-check-out), so a run cut short keeps what
@@ -161,6 +162,7 @@ run() {
         bench bench-7b-pro-4096 150 cuda llama2-7b-pro pro 4096 --dtype bf16 --steps 3 --warmup 1
         bench bench-1b-full-2048 90 cuda 1b full 2048 --dtype bf16
         step selftest-wgpu 120 "$BIN" selftest --device wgpu --json "$R/selftest-wgpu.json"
+        step dp-cuda 90 bash scripts/dp-check.sh "$BIN" cuda:0 "$R/dp-cuda"
         bench bench-1b-pro-2048-ck 60 cuda 1b pro 2048 --dtype bf16 --checkpointing
         bench bench-1b-pro-4096 60 cuda 1b pro 4096 --dtype bf16
         bench bench-1b-full-4096 60 cuda 1b full 4096 --dtype bf16

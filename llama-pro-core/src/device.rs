@@ -196,33 +196,89 @@ pub fn dispatch_autodiff_with<T: OnAutodiffBackend>(
     checkpointing: bool,
     task: T,
 ) -> Result<T::Output> {
+    struct One<T>(T);
+    impl<T: OnAutodiffBackend> OnAutodiffDevices for One<T> {
+        type Output = T::Output;
+        fn run<B: burn::tensor::backend::AutodiffBackend>(
+            self,
+            mut devices: Vec<B::Device>,
+        ) -> Self::Output {
+            self.0.run::<B>(devices.remove(0))
+        }
+    }
+    dispatch_autodiff_devices(&[spec], checkpointing, One(task))
+}
+
+/// A task on several devices of one autodiff backend (data-parallel training).
+pub trait OnAutodiffDevices {
+    /// What the task returns.
+    type Output;
+    /// Run on `devices` (one per `DeviceSpec` given, in order) of backend `B`.
+    fn run<B: burn::tensor::backend::AutodiffBackend>(
+        self,
+        devices: Vec<B::Device>,
+    ) -> Self::Output;
+}
+
+/// [`dispatch_autodiff_with`] for several devices of one kind (`cpu,cpu`, `cuda:0,cuda:1`):
+/// each is checked to start, then `task` runs with all of them. Devices of different kinds
+/// are refused (one backend type per run).
+pub fn dispatch_autodiff_devices<T: OnAutodiffDevices>(
+    specs: &[DeviceSpec],
+    checkpointing: bool,
+    task: T,
+) -> Result<T::Output> {
     use burn::backend::Autodiff;
     use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing as Ck;
-    match (spec, checkpointing) {
+    let Some(&first) = specs.first() else {
+        return Err(CoreError::setting("devices", "no device given"));
+    };
+    let kind = std::mem::discriminant(&first);
+    if let Some(other) = specs.iter().find(|s| std::mem::discriminant(*s) != kind) {
+        return Err(CoreError::setting(
+            "devices",
+            format!("{first} and {other}: the devices of a run must be of one kind"),
+        ));
+    }
+    match (first, checkpointing) {
         #[cfg(feature = "cpu")]
         (DeviceSpec::Cpu, false) => {
-            Ok(task.run::<Autodiff<burn::backend::Flex>>(Default::default()))
+            Ok(task.run::<Autodiff<burn::backend::Flex>>(vec![Default::default(); specs.len()]))
         }
         #[cfg(feature = "cpu")]
-        (DeviceSpec::Cpu, true) => {
-            Ok(task.run::<Autodiff<burn::backend::Flex, Ck>>(Default::default()))
-        }
+        (DeviceSpec::Cpu, true) => Ok(
+            task.run::<Autodiff<burn::backend::Flex, Ck>>(vec![Default::default(); specs.len()])
+        ),
         #[cfg(feature = "wgpu")]
-        (DeviceSpec::Wgpu(i), ck) => {
-            let device = wgpu_device(i)?;
-            probe::<WgpuBackend>(spec, &device)?;
+        (DeviceSpec::Wgpu(_), ck) => {
+            let mut devices = Vec::new();
+            for &spec in specs {
+                let DeviceSpec::Wgpu(i) = spec else {
+                    unreachable!("checked above")
+                };
+                let device = wgpu_device(i)?;
+                probe::<WgpuBackend>(spec, &device)?;
+                devices.push(device);
+            }
             Ok(match ck {
-                false => task.run::<Autodiff<WgpuBackend>>(device),
-                true => task.run::<Autodiff<WgpuBackend, Ck>>(device),
+                false => task.run::<Autodiff<WgpuBackend>>(devices),
+                true => task.run::<Autodiff<WgpuBackend, Ck>>(devices),
             })
         }
         #[cfg(feature = "cuda")]
-        (DeviceSpec::Cuda(i), ck) => {
-            let device = burn::backend::cuda::CudaDevice::new(i);
-            probe::<CudaBackend>(spec, &device)?;
+        (DeviceSpec::Cuda(_), ck) => {
+            let mut devices = Vec::new();
+            for &spec in specs {
+                let DeviceSpec::Cuda(i) = spec else {
+                    unreachable!("checked above")
+                };
+                let device = burn::backend::cuda::CudaDevice::new(i);
+                probe::<CudaBackend>(spec, &device)?;
+                devices.push(device);
+            }
             Ok(match ck {
-                false => task.run::<Autodiff<CudaBackend>>(device),
-                true => task.run::<Autodiff<CudaBackend, Ck>>(device),
+                false => task.run::<Autodiff<CudaBackend>>(devices),
+                true => task.run::<Autodiff<CudaBackend, Ck>>(devices),
             })
         }
         #[allow(unreachable_patterns)]

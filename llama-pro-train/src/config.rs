@@ -421,6 +421,22 @@ pub struct TrainConfig {
     pub seed: u64,
     /// The device to train on.
     pub device: DeviceSpec,
+    /// Data parallelism: one worker per device listed (e.g. `["cuda:0", "cuda:1"]`; `["cpu",
+    /// "cpu"]` runs two CPU workers), each with its own `batch_size` slice of every global batch
+    /// (empty: one worker on `device`).
+    pub devices: Vec<DeviceSpec>,
+    /// Processes (machines) of a data-parallel run, each with the same `devices`.
+    pub nodes: usize,
+    /// This process's index among the `nodes` (0 runs the orchestrator and writes the outputs).
+    pub node_rank: usize,
+    /// With several nodes: `HOST:PORT` of node 0, where burn-collective's orchestrator listens.
+    pub master: Option<String>,
+    /// With several nodes: `HOST:PORT` where this node serves gradients to the others (default:
+    /// its address towards the master, port master's + 1 + node_rank).
+    pub node_address: Option<String>,
+    /// Seconds a worker waits for the others in a collective operation before it stops the run
+    /// (a worker that died, hangs or cannot be reached).
+    pub collective_timeout: f64,
     /// Peak TFLOP/s of the device for the MFU estimate (default: estimated from /proc/cpuinfo on
     /// the CPU; none on GPUs, e.g. 989 for an H100 SXM in bf16 dense).
     pub peak_tflops: Option<f64>,
@@ -478,6 +494,12 @@ impl Default for TrainConfig {
             log_every: 10,
             seed: 0,
             device: DeviceSpec::Cpu,
+            devices: vec![],
+            nodes: 1,
+            node_rank: 0,
+            master: None,
+            node_address: None,
+            collective_timeout: 600.0,
             peak_tflops: None,
         }
     }
@@ -508,6 +530,33 @@ impl TrainConfig {
         match device {
             DeviceSpec::Cpu => DType::F32,
             _ => DType::BF16,
+        }
+    }
+
+    /// The device of the (first) worker: what memory planning, the MFU and the dtype defaults
+    /// look at (`devices`' first, else `device`).
+    pub fn primary_device(&self) -> DeviceSpec {
+        self.devices.first().copied().unwrap_or(self.device)
+    }
+
+    /// The devices of this process's workers: `devices`, or `device` alone.
+    pub fn worker_devices(&self) -> Vec<DeviceSpec> {
+        if self.devices.is_empty() {
+            vec![self.device]
+        } else {
+            self.devices.clone()
+        }
+    }
+
+    /// The run's workers: this process's devices, the nodes, the timeout.
+    pub fn topology(&self) -> crate::parallel::Topology {
+        crate::parallel::Topology {
+            local: self.worker_devices().len(),
+            nodes: self.nodes.max(1),
+            node_rank: self.node_rank,
+            master: self.master.clone(),
+            node_address: self.node_address.clone(),
+            timeout: std::time::Duration::from_secs_f64(self.collective_timeout.clamp(1.0, 1e9)),
         }
     }
 
@@ -552,6 +601,58 @@ impl TrainConfig {
             .map_err(|e| TrainError::Invalid(format!("writing the configuration as TOML: {e}")))
     }
 
+    /// The data-parallel settings.
+    fn validate_parallel(&self) -> Result<()> {
+        let bad = |key: &'static str, m: String| Err(TrainError::setting(key, m));
+        let kind = |d: &DeviceSpec| std::mem::discriminant(d);
+        if let Some(d) = self.devices.first()
+            && let Some(o) = self.devices.iter().find(|o| kind(o) != kind(d))
+        {
+            return bad(
+                "devices",
+                format!("{d} and {o}: the workers of a run use one kind of device"),
+            );
+        }
+        if self.nodes == 0 {
+            return bad("nodes", "must be at least 1".into());
+        }
+        if self.node_rank >= self.nodes {
+            return bad(
+                "node_rank",
+                format!(
+                    "{} with {} node(s): expected 0 to {}",
+                    self.node_rank,
+                    self.nodes,
+                    self.nodes - 1
+                ),
+            );
+        }
+        if self.nodes > 1 && self.master.is_none() {
+            return bad(
+                "master",
+                format!(
+                    "{} nodes need the address of node 0's orchestrator: --master HOST:PORT",
+                    self.nodes
+                ),
+            );
+        }
+        for (key, v) in [
+            ("master", &self.master),
+            ("node_address", &self.node_address),
+        ] {
+            if let Some(a) = v {
+                crate::parallel::split_host_port(a, key)?;
+            }
+        }
+        if !(self.collective_timeout >= 1.0 && self.collective_timeout.is_finite()) {
+            return bad(
+                "collective_timeout",
+                format!("{}: expected seconds >= 1", self.collective_timeout),
+            );
+        }
+        Ok(())
+    }
+
     /// Check values that would fail later or silently do nothing; the error names the key.
     pub fn validate(&self) -> Result<()> {
         let bad = |key: &'static str, m: String| Err(TrainError::setting(key, m));
@@ -566,6 +667,7 @@ impl TrainConfig {
         if self.data.is_empty() {
             return bad("data", "give at least one training file".into());
         }
+        self.validate_parallel()?;
         if self.stage == Stage::Sft {
             crate::sft::LabelMode::from_flags(self.train_on_prompt, self.mask_history)?;
         } else if self.train_on_prompt || self.mask_history || self.template.is_some() {

@@ -40,6 +40,9 @@ pub enum TrainError {
         /// The value given and what was expected.
         message: String,
     },
+    /// Data-parallel training: a worker failed, or the others did not answer in time.
+    #[error("{0}")]
+    Collective(String),
     /// Anything else, with a message naming the culprit.
     #[error("{0}")]
     Invalid(String),

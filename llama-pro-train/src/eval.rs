@@ -103,8 +103,23 @@ pub fn evaluate_examples<B: Backend>(
     seqs: &[Example],
     batch_size: usize,
     device: &B::Device,
-    mut on_batch: impl FnMut(usize),
+    on_batch: impl FnMut(usize),
 ) -> Result<EvalResult> {
+    let (sum, count) = loss_sum_shard(model, seqs, batch_size, device, (0, 1), on_batch)?;
+    eval_result(sum, count, seqs.len())
+}
+
+/// The summed loss and the number of target tokens of the batches of `seqs` that fall to worker
+/// `shard.0` of `shard.1` (batches dealt round-robin in the order [`evaluate_examples`] runs
+/// them: the workers' sums add up to the one-worker sum).
+pub fn loss_sum_shard<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    seqs: &[Example],
+    batch_size: usize,
+    device: &B::Device,
+    shard: (usize, usize),
+    mut on_batch: impl FnMut(usize),
+) -> Result<(f64, f64)> {
     let batch_size = batch_size.max(1);
     let (mut sum, mut count) = (0f64, 0f64);
     // Batch sequences of similar length together to waste little compute on padding; the
@@ -112,13 +127,16 @@ pub fn evaluate_examples<B: Backend>(
     let mut order: Vec<usize> = (0..seqs.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].len()));
     let mut done = 0;
-    for chunk in order.chunks(batch_size) {
+    for (k, chunk) in order.chunks(batch_size).enumerate() {
+        done += chunk.len();
+        if k % shard.1.max(1) != shard.0 {
+            continue;
+        }
         let batch: Vec<Example> = chunk
             .iter()
             .map(|&i| seqs[i].clone())
             .filter(|s| s.len() >= 2)
             .collect();
-        done += chunk.len();
         if batch.is_empty() {
             on_batch(done);
             continue;
@@ -130,6 +148,19 @@ pub fn evaluate_examples<B: Backend>(
         count += scalar(c)?;
         on_batch(done);
     }
+    Ok((sum, count))
+}
+
+/// Tokens the loss covers in `examples` (what [`batch_examples`] counts as `targets`).
+pub fn count_targets(examples: &[Example]) -> usize {
+    examples
+        .iter()
+        .map(|e| (1..e.len()).filter(|&t| e.is_target(t)).count())
+        .sum()
+}
+
+/// The [`EvalResult`] of a summed loss over `count` target tokens of `sequences` sequences.
+pub fn eval_result(sum: f64, count: f64, sequences: usize) -> Result<EvalResult> {
     if count == 0.0 {
         return Err(TrainError::Invalid(
             "no token to predict: every sequence has fewer than 2 tokens".into(),
@@ -146,7 +177,7 @@ pub fn evaluate_examples<B: Backend>(
         loss,
         perplexity: loss.exp(),
         tokens: count as usize,
-        sequences: seqs.len(),
+        sequences,
     })
 }
 

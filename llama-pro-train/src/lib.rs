@@ -1,12 +1,13 @@
 //! # llama-pro-train
 //!
 //! Data (tokenization, packing, mixtures), the trainer (AdamW, warmup + decay, global clipping,
-//! accumulation, checkpoints with exact resume), evaluation and the demo. No model math lives
+//! accumulation, checkpoints with exact resume, data parallelism), evaluation and the demo. No model math lives
 //! here: the model, its loss and generation are in `llama-pro-core`. No terminal either: runs
 //! report to an [`Observer`](trainer::Observer); the `llama-pro` binary owns the command line.
 //!
 //! Features: `cpu` (default), `wgpu`, `cuda` make backends available; `plot` draws PNG loss
-//! plots (`loss.png`, the demo's `forgetting.png`) with plotters.
+//! plots (`loss.png`, the demo's `forgetting.png`) with plotters; `collective` trains on several
+//! devices and machines ([`parallel`], burn-collective).
 #![warn(missing_docs)]
 
 pub mod config;
@@ -18,6 +19,7 @@ pub mod eval;
 pub mod flops;
 pub mod memory;
 pub mod optim;
+pub mod parallel;
 #[cfg(feature = "plot")]
 pub mod plot;
 pub mod schedule;

@@ -178,6 +178,8 @@ pub struct PlanInputs {
     pub device: DeviceSpec,
     /// A short name of what trains, for display (`pro`, `full`, `lora`…).
     pub label: String,
+    /// Data-parallel workers of the run (each device holds one replica; the plan is per device).
+    pub workers: usize,
 }
 
 impl PlanInputs {
@@ -196,6 +198,7 @@ impl PlanInputs {
             checkpointing: false,
             attention: AttentionKind::Kernel,
             device: DeviceSpec::Cpu,
+            workers: 1,
         }
     }
 
@@ -260,8 +263,9 @@ impl PlanInputs {
             batch_size: config.batch_size,
             grad_accum: config.grad_accum,
             checkpointing: config.activation_checkpointing,
-            attention: AttentionKind::default_for(config.device, config.dtype),
-            device: config.device,
+            workers: config.worker_devices().len() * config.nodes.max(1),
+            attention: AttentionKind::default_for(config.primary_device(), config.dtype),
+            device: config.primary_device(),
         };
         // What the run's `set_trainable` checks: a valid selection that selects something.
         let params = parameter_list(c, inputs.lora.as_ref());
@@ -316,7 +320,7 @@ pub fn parameter_list(
 #[derive(Debug, Clone, PartialEq)]
 pub struct LineItem {
     /// Stable key (`weights_frozen`, `weights_trainable`, `lora_adapters`, `weight_casts`,
-    /// `gradients`, `adamw`, `activations`, `logits_loss`, `backward_work`, `optimizer_update`,
+    /// `gradients`, `all_reduce`, `adamw`, `activations`, `logits_loss`, `backward_work`, `optimizer_update`,
     /// `allowance`).
     pub key: &'static str,
     /// What it is, for people.
@@ -709,6 +713,16 @@ impl MemoryPlan {
             },
             bytes: persistent + grads + accum + if accum > 0 { 4 * largest } else { 0 },
         });
+        // Data parallel: the gradients flattened into one buffer, summed across the workers (the
+        // sum is a new buffer) and split back; the accumulated gradients are consumed.
+        let reduce = if inputs.workers > 1 { 2 * grads } else { 0 };
+        if reduce > 0 {
+            phases.push(Phase {
+                name: "gradient all-reduce".into(),
+                parts: "weights + AdamW + gradients + flattened gradients and their sum".into(),
+                bytes: persistent + grads + reduce,
+            });
+        }
         phases.push(Phase {
             name: "optimizer step".into(),
             parts: "weights + AdamW + gradients + update".into(),
@@ -773,6 +787,17 @@ impl MemoryPlan {
                 "trainable parameters only".into()
             },
         });
+        if reduce > 0 {
+            items.push(LineItem {
+                key: "all_reduce",
+                label: "all-reduce buffers (f32)".into(),
+                bytes: reduce,
+                note: format!(
+                    "{} data-parallel workers: the flattened gradients and their sum (transient)",
+                    inputs.workers
+                ),
+            });
+        }
         items.push(LineItem {
             key: "adamw",
             label: "AdamW moments (2 x f32)".into(),

@@ -125,7 +125,7 @@ pub fn run(a: &PipelineArgs) -> anyhow::Result<ExitCode> {
         let mut cfg = TrainConfig::from_table(t, Some(defaults))
             .map_err(|e| bad(format!("[{name}]: {e}")))?;
         if sft_stage && !dtype_given {
-            cfg.dtype = TrainConfig::sft_dtype(cfg.device);
+            cfg.dtype = TrainConfig::sft_dtype(cfg.primary_device());
         }
         cfg.validate().map_err(|e| bad(format!("[{name}]: {e}")))?;
         model = out.join("model");

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use clap::Args;
 use llama_pro::core::DType;
 use llama_pro::core::burn::tensor::backend::AutodiffBackend;
-use llama_pro::core::device::{DeviceSpec, OnAutodiffBackend, dispatch_autodiff_with};
+use llama_pro::core::device::{DeviceSpec, OnAutodiffDevices, dispatch_autodiff_devices};
 use llama_pro::core::freeze::Selection;
 use llama_pro::train::config::{
     DataSource, EvalSet, LrScale, Method, PackMode, Resume, Stage, TrainConfig,
@@ -18,7 +18,7 @@ use llama_pro::train::memory::{
 };
 use llama_pro::train::schedule::ScheduleKind;
 use llama_pro::train::sft::ChatFormat;
-use llama_pro::train::trainer::{LossPlot, Observer, Observers, TrainReport, train};
+use llama_pro::train::trainer::{LossPlot, Observer, Observers, TrainReport, train_parallel};
 
 use super::progress::TrainProgress;
 use super::{choice, dtype_parser};
@@ -187,6 +187,27 @@ pub struct TrainArgs {
     /// cpu, wgpu[:N] or cuda[:N].
     #[arg(long)]
     pub device: Option<DeviceSpec>,
+    /// Data parallelism: one worker per device, comma-separated (cuda:0,cuda:1,...; cpu,cpu for
+    /// two CPU workers). --batch-size is per worker: the global batch is batch-size x workers.
+    #[arg(long, value_delimiter = ',', conflicts_with = "device")]
+    pub devices: Vec<DeviceSpec>,
+    /// Processes (machines) of a data-parallel run, each started with the same flags and its
+    /// --node-rank (default 1).
+    #[arg(long)]
+    pub nodes: Option<usize>,
+    /// This process's index among --nodes (0 runs the orchestrator and writes the outputs).
+    #[arg(long)]
+    pub node_rank: Option<usize>,
+    /// HOST:PORT of node 0, where the orchestrator listens (several nodes).
+    #[arg(long)]
+    pub master: Option<String>,
+    /// HOST:PORT where this node serves gradients to the others (default: its address towards
+    /// --master, port master's + 1 + node rank).
+    #[arg(long)]
+    pub node_address: Option<String>,
+    /// Seconds a worker waits for the others before it stops the run (default 600).
+    #[arg(long)]
+    pub collective_timeout: Option<f64>,
     /// Peak TFLOP/s of the device for the printed MFU (default: estimated on the CPU from
     /// /proc/cpuinfo; give it for GPUs, e.g. 989 for an H100 SXM in bf16).
     #[arg(long)]
@@ -248,7 +269,10 @@ impl TrainArgs {
             epochs,
             lora_rank,
             lora_alpha,
-            packing
+            packing,
+            nodes,
+            node_rank,
+            collective_timeout
         );
         macro_rules! set_some {
             ($($f:ident),*) => { $( if self.$f.is_some() { c.$f = self.$f.clone(); } )* };
@@ -258,12 +282,14 @@ impl TrainArgs {
             peak_tflops,
             eval_max_sequences,
             max_steps,
-            resume
+            resume,
+            master,
+            node_address
         );
         macro_rules! set_list {
             ($($f:ident),*) => { $( if !self.$f.is_empty() { c.$f = self.$f.clone(); } )* };
         }
-        set_list!(lora_targets, data, eval, lr_scale);
+        set_list!(lora_targets, data, eval, lr_scale, devices);
         c.random_init |= self.random_init;
         c.activation_checkpointing |= self.activation_checkpointing;
         if self.no_packing {
@@ -313,7 +339,7 @@ pub fn run_sft(a: &TrainArgs) -> anyhow::Result<ExitCode> {
         None => false,
     };
     if a.dtype.is_none() && !dtype_in_config {
-        cfg.dtype = TrainConfig::sft_dtype(cfg.device);
+        cfg.dtype = TrainConfig::sft_dtype(cfg.primary_device());
     }
     run_config(cfg, a)
 }
@@ -368,12 +394,18 @@ pub(super) fn run_resolved(cfg: &TrainConfig, command: &str) -> anyhow::Result<T
         path.display()
     );
     let stop = stop_flag();
-    let report = dispatch_autodiff_with(
-        cfg.device,
+    let report = dispatch_autodiff_devices(
+        &cfg.worker_devices(),
         cfg.activation_checkpointing,
         TrainTask { cfg: &cfg, stop },
     )??;
-    if report.interrupted {
+    if report.interrupted && cfg.nodes > 1 {
+        eprintln!(
+            "stopped after step {}; node 0 wrote the checkpoint: continue by starting every node \
+             again with its command and --resume",
+            report.steps
+        );
+    } else if report.interrupted {
         eprintln!(
             "stopped after step {}; continue with: llama-pro {command} --config {} --resume",
             report.steps,
@@ -415,18 +447,27 @@ struct TrainTask<'a> {
     stop: &'a AtomicBool,
 }
 
-impl OnAutodiffBackend for TrainTask<'_> {
+impl OnAutodiffDevices for TrainTask<'_> {
     type Output = llama_pro::train::Result<TrainReport>;
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+    fn run<B: AutodiffBackend>(self, devices: Vec<B::Device>) -> Self::Output {
         let out = &self.cfg.output;
         let mut progress = TrainProgress::new(self.cfg.log_every);
         let mut plot = LossPlot::new(&out.join("metrics.jsonl"), &out.join("loss.png"));
         let mut observers = Observers::new();
         // The plot reads metrics.jsonl, which the trainer's log has written before the plot sees
-        // the event.
+        // the event (on node 0, which writes the outputs).
         observers.push(&mut progress);
-        observers.push(&mut plot);
-        let report = train::<B>(self.cfg.clone(), &device, &mut observers, self.stop);
+        if self.cfg.node_rank == 0 {
+            observers.push(&mut plot);
+        }
+        let topology = self.cfg.topology();
+        let report = train_parallel::<B>(
+            self.cfg.clone(),
+            &topology,
+            &devices,
+            &mut observers,
+            self.stop,
+        );
         drop(observers);
         for w in &plot.warnings {
             progress.on_event(&llama_pro::train::trainer::Event::Warning(w));
@@ -485,7 +526,7 @@ fn dry_run(cfg: &TrainConfig, a: &TrainArgs) -> anyhow::Result<ExitCode> {
     }
     let plan = MemoryPlan::for_training(&hf.config, &inputs);
     println!("{plan}");
-    let capacity = device_capacity(cfg.device, a.device_memory.map(|b| b as u64));
+    let capacity = device_capacity(cfg.primary_device(), a.device_memory.map(|b| b as u64));
     for line in fit_report(&hf.config, &inputs, &capacity) {
         println!("{line}");
     }

@@ -14,6 +14,7 @@ mod gguf_tokenizer;
 mod io;
 mod kernels;
 mod memory;
+mod parallel;
 pub mod parity;
 mod reliability;
 mod sft;

@@ -83,10 +83,18 @@ struct RunState {
     manifest: Option<Manifest>,
     #[serde(default)]
     history: History,
+    /// Data-parallel workers of the run that wrote it (its global batch is `batch_size` x
+    /// workers x `grad_accum`).
+    #[serde(default = "one")]
+    workers: usize,
     /// When written (milliseconds since 1970): the newest checkpoint is the one to continue, even
     /// when an earlier one was resumed and the run branched.
     #[serde(default)]
     saved_at: u64,
+}
+
+fn one() -> usize {
+    1
 }
 
 const OPTIMIZER_FILES: [&str; 2] = ["optimizer-decay", "optimizer-plain"];
@@ -110,7 +118,8 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// writes, refuse (or with `overwrite` remove) an earlier run in a fresh run's directory, and
     /// write the configuration to `train.toml`. Returns what it removed.
     pub fn claim_output(&mut self) -> Result<Vec<PathBuf>> {
-        if self.run_dir.is_some() {
+        // A data-parallel run's outputs are written by the worker of rank 0 alone.
+        if self.run_dir.is_some() || self.collective.rank() != 0 {
             return Ok(Vec::new());
         }
         let out = &self.config.output;
@@ -132,6 +141,12 @@ impl<B: AutodiffBackend> Trainer<B> {
     pub fn save(&mut self) -> Result<PathBuf> {
         self.claim_output()?;
         let root = self.checkpoints();
+        if self.collective.rank() != 0 {
+            // The worker of rank 0 writes it; the others hold the same state.
+            let out = root.join(format!("step-{}", self.step));
+            self.last_checkpoint = Some(out.clone());
+            return Ok(out);
+        }
         std::fs::create_dir_all(&root).map_err(|e| TrainError::io(&root, e))?;
         let out = root.join(format!("step-{}", self.step));
         let tmp = begin_atomic_dir(&out, true)?;
@@ -171,6 +186,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             config: self.config.clone(),
             trainable_names: trainable.clone(),
             manifest: Some(self.manifest.clone()),
+            workers: self.collective.world(),
             history: History {
                 losses: self.losses.clone(),
                 evals: self.evals.clone(),
@@ -337,7 +353,13 @@ impl<B: AutodiffBackend> Trainer<B> {
             ));
         }
         let trainable = &self.info.summary.trainable_names;
-        let changes = changes(state, &self.config, &self.manifest, trainable)?;
+        let changes = changes(
+            state,
+            &self.config,
+            self.collective.world(),
+            &self.manifest,
+            trainable,
+        )?;
         if changes.is_empty() {
             return Ok(());
         }
@@ -386,6 +408,10 @@ impl<B: AutodiffBackend> Trainer<B> {
             report.eval_after = r.clone();
         }
         let out = self.config.output.join("model");
+        if self.collective.rank() != 0 {
+            // The worker of rank 0 writes it (on its node).
+            return Ok(report);
+        }
         let dtype = self.config.dtype;
         save_pretrained(
             &self.model().valid().merge_lora(),
@@ -425,7 +451,7 @@ struct Change {
 
 /// Settings that decide which windows the data stream yields or which parameters exist: a
 /// resumed run with another value would not continue the same run.
-const NEVER: &[&str] = &[
+pub(super) const NEVER: &[&str] = &[
     "method",
     "random_init",
     "lora_rank",
@@ -445,7 +471,7 @@ const NEVER: &[&str] = &[
 
 /// Settings a resumed run survives (the optimizer state and data position stay meaningful), but
 /// that make it differ from an uninterrupted run: accepted with `force`.
-const WITH_FORCE: &[&str] = &[
+pub(super) const WITH_FORCE: &[&str] = &[
     "max_steps",
     "epochs",
     "batch_size",
@@ -466,6 +492,7 @@ const WITH_FORCE: &[&str] = &[
 fn changes(
     state: &RunState,
     config: &TrainConfig,
+    workers: usize,
     manifest: &Manifest,
     trainable: &[String],
 ) -> Result<Vec<Change>> {
@@ -485,6 +512,27 @@ fn changes(
     let show = |v: Option<&serde_json::Value>| v.map_or("(unset)".to_string(), |v| v.to_string());
     for key in NEVER.iter().chain(WITH_FORCE) {
         let (a, b) = (old_cfg.get(key), new_cfg.get(key));
+        if *key == "batch_size" {
+            // What continues the run is the global batch: any number of workers may resume it.
+            let (x, y) = (state.config.batch_size, config.batch_size);
+            if x * state.workers != y * workers {
+                let what = if state.workers == 1 && workers == 1 {
+                    format!("batch_size: {x} -> {y}")
+                } else {
+                    format!(
+                        "the batch (batch_size x workers): {x} x {} = {} -> {y} x {workers} = {}",
+                        state.workers,
+                        x * state.workers,
+                        y * workers
+                    )
+                };
+                out.push(Change {
+                    what,
+                    forceable: true,
+                });
+            }
+            continue;
+        }
         if a == b {
             continue;
         }

@@ -7,7 +7,7 @@ use burn::tensor::backend::AutodiffBackend;
 use llama_pro_core::burn;
 
 use crate::error::Result;
-use crate::eval::{EvalResult, evaluate_examples};
+use crate::eval::{EvalResult, count_targets, eval_result, evaluate_examples, loss_sum_shard};
 
 use super::{EvalPoint, Trainer};
 
@@ -18,9 +18,40 @@ impl<B: AutodiffBackend> Trainer<B> {
     pub fn evaluate(&mut self) -> Result<BTreeMap<String, EvalResult>> {
         let inner = self.model().valid();
         let mut out = BTreeMap::new();
-        for (name, seqs) in &self.data.eval_sets {
-            let r = evaluate_examples(&inner, seqs, self.config.batch_size, &self.device, |_| {})?;
-            out.insert(name.clone(), r);
+        let (rank, world) = self.worker();
+        if world == 1 {
+            for (name, seqs) in &self.data.eval_sets {
+                let r =
+                    evaluate_examples(&inner, seqs, self.config.batch_size, &self.device, |_| {})?;
+                out.insert(name.clone(), r);
+            }
+        } else {
+            // Data parallel: the batches dealt round-robin to the workers, the loss sums added
+            // up in one collective call (as an f32 pair per set, high and low part, so that the
+            // sum keeps the f64 sums' precision); the target counts are known on the host.
+            let mut parts = Vec::new();
+            for (_, seqs) in &self.data.eval_sets {
+                let (sum, _) = loss_sum_shard(
+                    &inner,
+                    seqs,
+                    self.config.batch_size,
+                    &self.device,
+                    (rank, world),
+                    |_| {},
+                )?;
+                let hi = sum as f32;
+                parts.extend([hi, (sum - hi as f64) as f32]);
+            }
+            let sums = self.collective.sum_values::<B::InnerBackend>(
+                "the evaluation losses",
+                parts,
+                &self.device,
+            )?;
+            for ((name, seqs), s) in self.data.eval_sets.iter().zip(sums.chunks(2)) {
+                let count = count_targets(seqs) as f64;
+                let sum = s[0] as f64 + s[1] as f64;
+                out.insert(name.clone(), eval_result(sum, count, seqs.len())?);
+            }
         }
         if self.step == 0 && self.resumed.is_none() {
             self.eval_before = out.clone();

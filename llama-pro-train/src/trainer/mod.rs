@@ -28,10 +28,12 @@
 //!
 //! The files by concern: `setup` (model, data, groups, optimizer), `step` (the loop body),
 //! `evaluate`, `checkpoint` (save, resume), `report` (metrics, report, README, plot) and
-//! `observer` (events).
+//! `observer` (events). Several workers: [`train_parallel`] and [`Trainer::new_worker`] (see
+//! [`crate::parallel`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -42,6 +44,7 @@ use llama_pro_core::model::LlamaForCausalLM;
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
 use crate::eval::EvalResult;
+use crate::parallel::{self, Collective, Topology};
 use crate::schedule::Schedule;
 
 mod checkpoint;
@@ -97,6 +100,8 @@ pub struct Trainer<B: AutodiffBackend> {
     last_checkpoint: Option<PathBuf>,
     /// Things set-up wants the user to know (checkpoints passed over, changes accepted).
     notes: Vec<String>,
+    /// The other workers of a data-parallel run (one worker: the identity).
+    collective: Collective,
 }
 
 impl<B: AutodiffBackend> Trainer<B> {
@@ -104,8 +109,21 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// optimizer set up; with `config.resume`, the checkpoint's weights, optimizer state and data
     /// position restored. Nothing is written yet.
     pub fn new(config: TrainConfig, model: TrainModel<B>, data: TrainData) -> Result<Self> {
+        Self::new_worker(config, model, data, Collective::single())
+    }
+
+    /// [`Trainer::new`] for one worker of a data-parallel run (see [`crate::parallel`]): every
+    /// worker is given the same configuration, model and data; each takes its slice of every
+    /// global batch of `batch_size` x workers sequences, and the worker of rank 0 writes the
+    /// checkpoints and the exported model.
+    pub fn new_worker(
+        config: TrainConfig,
+        model: TrainModel<B>,
+        data: TrainData,
+        collective: Collective,
+    ) -> Result<Self> {
         config.validate()?;
-        let per_step = config.batch_size * config.grad_accum;
+        let per_step = config.batch_size * config.grad_accum * collective.world();
         let total_steps = config.max_steps.unwrap_or_else(|| {
             ((config.epochs * data.stream.len() as f64) / per_step as f64)
                 .ceil()
@@ -136,7 +154,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                 ),
             ));
         }
-        if config.resume.is_none() && !config.overwrite {
+        if config.resume.is_none() && !config.overwrite && collective.rank() == 0 {
             RunDir::refuse_fresh(&config.output)?;
         }
         let manifest = Manifest {
@@ -182,6 +200,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             run_dir: None,
             last_checkpoint: None,
             notes: Vec::new(),
+            collective,
         };
         if let Some(r) = trainer.config.resume.clone() {
             trainer.resume(&r)?;
@@ -227,6 +246,11 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.resumed.as_ref().map(|(p, s)| (p.as_path(), *s))
     }
 
+    /// This worker's rank and the number of workers (0 and 1 on one device).
+    pub fn worker(&self) -> (usize, usize) {
+        (self.collective.rank(), self.collective.world())
+    }
+
     /// The training examples: how many, from which files.
     pub fn data(&self) -> &TrainData {
         &self.data
@@ -255,6 +279,78 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// What identifies this run: its id, the model's fingerprint, the data files' digests.
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+
+    /// Whether to stop before the next step: `stop` is set here or, in a data-parallel run, on
+    /// any worker (then all stop after the same step).
+    pub fn stop_requested(&self, stop: &AtomicBool) -> Result<bool> {
+        let here = stop.load(Ordering::SeqCst);
+        if self.collective.world() == 1 {
+            return Ok(here);
+        }
+        let flags = self.collective.sum_values::<B::InnerBackend>(
+            "the stop flags",
+            vec![f32::from(u8::from(here))],
+            &self.device,
+        )?;
+        Ok(flags[0] > 0.0)
+    }
+
+    /// Check that every worker of a data-parallel run starts from the same place: the same
+    /// step, model, data and settings (a node given another checkpoint, configuration or model
+    /// would otherwise train a different replica).
+    fn check_workers_agree(&self) -> Result<()> {
+        let world = self.collective.world();
+        if world == 1 {
+            return Ok(());
+        }
+        let cfg = serde_json::to_value(&self.config)
+            .map_err(|e| TrainError::Invalid(format!("serializing the configuration: {e}")))?;
+        let keys = checkpoint::NEVER.iter().chain(checkpoint::WITH_FORCE);
+        let meaning: Vec<_> = keys
+            .chain(&["eval", "eval_max_sequences"])
+            .map(|k| cfg.get(*k).cloned())
+            .collect();
+        let text = serde_json::json!([
+            meaning,
+            self.manifest.model,
+            self.manifest
+                .data
+                .iter()
+                .map(|d| &d.digest.sha256)
+                .collect::<Vec<_>>(),
+            self.info.summary.trainable_names,
+        ])
+        .to_string();
+        let h = sha256_hex(text.as_bytes());
+        // 16-bit pieces: exact in f32, and so are their sums over up to 256 workers.
+        let mine: Vec<f32> = std::iter::once(self.step as f32)
+            .chain(
+                (0..4).map(|i| u16::from_str_radix(&h[i * 4..i * 4 + 4], 16).unwrap_or(0) as f32),
+            )
+            .collect();
+        let sums = self.collective.sum_values::<B::InnerBackend>(
+            "the start-up check",
+            mine.clone(),
+            &self.device,
+        )?;
+        let expected: Vec<f32> = mine.iter().map(|v| v * world as f32).collect();
+        if sums[0] != expected[0] {
+            return Err(TrainError::Collective(format!(
+                "worker {}: the workers start from different steps (this one from step {}): give \
+                 every node the same checkpoint to resume",
+                self.collective.rank(),
+                self.step
+            )));
+        }
+        if sums[1..] != expected[1..] {
+            return Err(TrainError::Collective(format!(
+                "worker {}: the workers were given different models, data or settings (batch, \
+                 learning rate, seed...): give every node the same files and flags",
+                self.collective.rank()
+            )));
+        }
+        Ok(())
     }
 
     /// Training seconds of the whole run (a resumed run includes the time before its checkpoint).
@@ -289,11 +385,17 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
     }
 
-    /// Model FLOPs utilisation at `tokens_per_sec`, when the device's peak is known.
+    /// Model FLOPs utilisation at `tokens_per_sec` (of all workers together), when the device's
+    /// peak is known.
     pub fn mfu(&self, tokens_per_sec: f64) -> Option<f64> {
+        // CPU workers of one process share its cores (the estimated peak is the machine's).
+        let devices = match self.config.primary_device() {
+            llama_pro_core::device::DeviceSpec::Cpu => self.config.nodes.max(1),
+            _ => self.collective.world(),
+        } as f64;
         self.peak_flops
             .as_ref()
-            .map(|(p, _)| tokens_per_sec * self.flops_per_token / p)
+            .map(|(p, _)| tokens_per_sec * self.flops_per_token / (p * devices))
     }
 
     /// The end of a completed run: the final checkpoint, the evaluation after training, the
@@ -315,34 +417,163 @@ pub fn train<B: AutodiffBackend>(
     observer: &mut dyn Observer,
     stop: &AtomicBool,
 ) -> Result<TrainReport> {
+    train_parallel::<B>(
+        config,
+        &Topology::single(),
+        std::slice::from_ref(device),
+        observer,
+        stop,
+    )
+}
+
+/// [`train`] with data parallelism: one worker per device of `devices` (`topology.local` of
+/// them), each on its own thread, together with the workers of the other processes of
+/// `topology` (see [`crate::parallel`]). The `observer` follows this process's first worker
+/// (losses and evaluations are those of the whole run on every worker); the worker of rank 0
+/// writes the checkpoints, the metrics and the model. A worker that fails stops the run: the
+/// error names it, and the last checkpoint is intact.
+pub fn train_parallel<B: AutodiffBackend>(
+    config: TrainConfig,
+    topology: &Topology,
+    devices: &[B::Device],
+    observer: &mut dyn Observer,
+    stop: &AtomicBool,
+) -> Result<TrainReport> {
     config.validate()?;
-    if config.resume.is_none() && !config.overwrite {
+    if devices.len() != topology.local || devices.is_empty() {
+        return Err(TrainError::setting(
+            "devices",
+            format!(
+                "{} device(s) given for {} worker(s) per node",
+                devices.len(),
+                topology.local
+            ),
+        ));
+    }
+    if config.resume.is_none() && !config.overwrite && topology.node_rank == 0 {
         // Before the (long) loading: `Trainer::new` and `claim_output` check again.
         RunDir::refuse_fresh(&config.output)?;
     }
     llama_pro_core::device::tune_allocator();
-    let model = TrainModel::<B>::load(&config, device, observer)?;
-    let data = TrainData::load(&config, &model, observer)?;
-    let mut trainer = Trainer::new(config, model, data)?;
-    // Everything is read and checked: from here on the run writes.
-    let removed = trainer.claim_output()?;
-    let mut metrics = MetricsLog::open(
-        &trainer.config.output.join("metrics.jsonl"),
-        trainer.resumed_from().map(|(_, s)| s),
-    )?;
-    let mut observers = Observers::new();
-    observers.push(&mut metrics);
-    observers.push(observer);
-    for p in removed {
-        observers.on_event(&Event::Info(&format!("removed {}", p.display())));
+    if topology.world() == 1 {
+        return worker::<B>(
+            config,
+            topology,
+            0,
+            &devices[0],
+            observer,
+            stop,
+            &Arc::default(),
+        );
     }
-    let report = run(&mut trainer, &mut observers, stop);
-    drop(observers);
-    // The metrics log cannot fail the run while it goes; its first error is reported here.
-    match metrics.take_error() {
-        Some(e) if report.is_ok() => Err(e),
-        _ => report,
+    parallel::with_turn::<B::InnerBackend, _>(|| {
+        let shared = Arc::new(parallel::Shared::default());
+        let results = std::thread::scope(|s| {
+            let handles: Vec<_> = (1..devices.len())
+                .map(|i| {
+                    let (config, shared, device) = (config.clone(), shared.clone(), &devices[i]);
+                    std::thread::Builder::new()
+                        .name(format!("llama-pro-worker-{}", topology.rank(i)))
+                        .spawn_scoped(s, move || {
+                            let mut quiet = silent();
+                            worker::<B>(config, topology, i, device, &mut quiet, stop, &shared)
+                        })
+                })
+                .collect();
+            let first = worker::<B>(
+                config.clone(),
+                topology,
+                0,
+                &devices[0],
+                observer,
+                stop,
+                &shared,
+            );
+            let mut results = vec![first];
+            for h in handles {
+                results.push(match h {
+                    Ok(h) => h.join().unwrap_or_else(|_| {
+                        Err(TrainError::Collective("a worker thread panicked".into()))
+                    }),
+                    Err(e) => Err(TrainError::Invalid(format!(
+                        "starting a worker thread: {e}"
+                    ))),
+                });
+            }
+            results
+        });
+        match shared.first_failure() {
+            Some((rank, message)) => Err(TrainError::Collective(format!(
+                "worker {rank} of {} failed: {message}",
+                topology.world()
+            ))),
+            None => results.into_iter().next().expect("one worker at least"),
+        }
+    })
+}
+
+/// One worker of [`train_parallel`]: the `i`-th of this process.
+fn worker<B: AutodiffBackend>(
+    config: TrainConfig,
+    topology: &Topology,
+    i: usize,
+    device: &B::Device,
+    observer: &mut dyn Observer,
+    stop: &AtomicBool,
+    shared: &Arc<parallel::Shared>,
+) -> Result<TrainReport> {
+    let rank = topology.rank(i);
+    let run = || -> Result<TrainReport> {
+        let model = TrainModel::<B>::load(&config, device, observer)?;
+        let data = TrainData::load(&config, &model, observer)?;
+        let collective = parallel::join::<B::InnerBackend>(topology, rank, device, shared.clone())?;
+        let mut trainer = Trainer::new_worker(config.clone(), model, data, collective)?;
+        trainer.check_workers_agree()?;
+        if rank != 0 {
+            let report = run(&mut trainer, observer, stop)?;
+            trainer.collective.finish::<B::InnerBackend>();
+            return Ok(report);
+        }
+        // Everything is read and checked: from here on the run writes.
+        let removed = trainer.claim_output()?;
+        let mut metrics = MetricsLog::open(
+            &trainer.config.output.join("metrics.jsonl"),
+            trainer.resumed_from().map(|(_, s)| s),
+        )?;
+        let mut observers = Observers::new();
+        observers.push(&mut metrics);
+        observers.push(observer);
+        for p in removed {
+            observers.on_event(&Event::Info(&format!("removed {}", p.display())));
+        }
+        let report = run(&mut trainer, &mut observers, stop);
+        drop(observers);
+        // The metrics log cannot fail the run while it goes; its first error is reported here.
+        let report = match metrics.take_error() {
+            Some(e) if report.is_ok() => Err(e),
+            _ => report,
+        }?;
+        trainer.collective.finish::<B::InnerBackend>();
+        Ok(report)
+    };
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).unwrap_or_else(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "panicked".into());
+        if topology.world() == 1 {
+            std::panic::resume_unwind(p);
+        }
+        Err(TrainError::Invalid(format!("panicked: {msg}")))
+    });
+    if let Err(e) = &out
+        && topology.world() > 1
+        && !matches!(e, TrainError::Collective(_))
+    {
+        shared.fail(rank, &e.to_string());
     }
+    out
 }
 
 /// The run after set-up: evaluation before, the steps with periodic evaluations and
@@ -376,7 +607,7 @@ fn run<B: AutodiffBackend>(
         });
     }
     while !trainer.is_done() {
-        if stop.load(Ordering::SeqCst) {
+        if trainer.stop_requested(stop)? {
             let dir = trainer.save()?;
             let step = trainer.steps_done();
             o.on_event(&Event::Checkpoint { step, dir: &dir });
@@ -430,8 +661,17 @@ fn sha256_hex(bytes: &[u8]) -> String {
 /// One line on the data and the steps ahead.
 fn describe<B: AutodiffBackend>(t: &Trainer<B>) -> String {
     let c = &t.config;
+    let world = t.collective.world();
+    let batch = if world == 1 {
+        format!("{} x {} accumulated", c.batch_size, c.grad_accum)
+    } else {
+        format!(
+            "{} per worker x {world} workers x {} accumulated",
+            c.batch_size, c.grad_accum
+        )
+    };
     format!(
-        "data: {} training examples of up to {} tokens from {} file(s){}; {} optimizer steps of {} sequences ({} x {} accumulated)",
+        "data: {} training examples of up to {} tokens from {} file(s){}; {} optimizer steps of {} sequences ({batch})",
         t.data.stream.len(),
         c.seq_len,
         t.data.stream.sources().len(),
@@ -441,8 +681,6 @@ fn describe<B: AutodiffBackend>(t: &Trainer<B>) -> String {
             format!(", packing {}", c.packing)
         },
         t.total_steps(),
-        c.batch_size * c.grad_accum,
-        c.batch_size,
-        c.grad_accum
+        c.batch_size * c.grad_accum * world,
     )
 }

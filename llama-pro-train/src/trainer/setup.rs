@@ -480,7 +480,7 @@ pub(super) fn flops_per_token<B: AutodiffBackend>(
 pub(super) fn peak_flops(config: &TrainConfig) -> Option<(f64, String)> {
     match config.peak_tflops {
         Some(t) => Some((t * 1e12, "the peak_tflops setting".to_string())),
-        None if config.device == llama_pro_core::device::DeviceSpec::Cpu => {
+        None if config.primary_device() == llama_pro_core::device::DeviceSpec::Cpu => {
             crate::flops::cpu_peak_flops()
         }
         None => None,

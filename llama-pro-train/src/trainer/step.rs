@@ -5,14 +5,15 @@ use std::time::Instant;
 
 use burn::module::{Param, ParamId};
 use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
-use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{FloatDType, Tensor};
 use llama_pro_core::burn;
 use llama_pro_core::model::{LlamaForCausalLM, causal_lm_loss_weighted};
 use llama_pro_core::params::{NamedVisitor, visit_named};
 
 use crate::error::{Result, TrainError};
-use crate::eval::{batch_examples, scalar};
+use crate::eval::{batch_examples, count_targets, scalar};
+use crate::parallel::Collective;
 
 use super::setup::Group;
 use super::{StepMetrics, Trainer};
@@ -33,34 +34,12 @@ impl<B: AutodiffBackend> Trainer<B> {
             )));
         }
         let t0 = Instant::now();
-        let (batch_size, accum) = (self.config.batch_size, self.config.grad_accum);
         let lr = self.schedule.lr(self.step);
-        let mut acc = GradientsAccumulator::<LlamaForCausalLM<B>>::new();
-        let (mut loss_sum, mut tokens) = (0f64, 0usize);
-        for _ in 0..accum {
-            let examples = self.data.stream.next_batch(batch_size);
-            let batch = batch_examples::<B>(&examples, &self.device);
-            if batch.targets == 0 {
-                return Err(TrainError::Invalid(format!(
-                    "step {}: a micro-batch of {batch_size} examples has no trained token",
-                    self.step + 1
-                )));
-            }
-            // Counts are known on the host: one device sync per micro-batch, for the loss value
-            // that the non-finite check needs. Throughput counts the positions that predict a
-            // token (L - 1 per row), trained or not.
-            tokens += batch.tokens.saturating_sub(examples.len());
-            let model = self.model();
-            let logits = model.forward_packed(batch.ids.clone(), batch.packing.as_ref());
-            let (sum, _) = causal_lm_loss_weighted(logits, batch.ids, batch.weights);
-            let loss = sum / batch.targets as f64;
-            let value = scalar(loss.clone())?;
-            self.finite("loss", value)?;
-            loss_sum += value;
-            let grads = (loss / accum as f64).backward();
-            acc.accumulate(model, GradientsParams::from_grads(grads, model));
-        }
-        let mut grads = acc.grads();
+        let (mut grads, loss, tokens) = if self.collective.world() == 1 {
+            self.gradients()?
+        } else {
+            self.gradients_parallel()?
+        };
         let (norm, group_norms) = grad_norms(self.model(), &grads, &self.groups)?;
         self.finite("gradient norm", norm)?;
         let clip = self.config.clip_grad_norm;
@@ -78,7 +57,6 @@ impl<B: AutodiffBackend> Trainer<B> {
             self.model = model.map(|m| opt.step(lr * g.lr_scale, m, part));
         }
         self.step += 1;
-        let loss = loss_sum / accum as f64;
         self.losses.push(loss);
         self.tokens += tokens;
         let start = self.clock.map_or(t0, |(s, _)| s);
@@ -97,6 +75,87 @@ impl<B: AutodiffBackend> Trainer<B> {
             tokens,
             tokens_per_sec: tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
         })
+    }
+
+    /// The summed gradients of one step's micro-batches on one device, the mean loss and the
+    /// tokens seen.
+    fn gradients(&mut self) -> Result<(GradientsParams, f64, usize)> {
+        let (batch_size, accum) = (self.config.batch_size, self.config.grad_accum);
+        let mut acc = GradientsAccumulator::<LlamaForCausalLM<B>>::new();
+        let (mut loss_sum, mut tokens) = (0f64, 0usize);
+        for _ in 0..accum {
+            let examples = self.data.stream.next_batch(batch_size);
+            let batch = batch_examples::<B>(&examples, &self.device);
+            if batch.targets == 0 {
+                return Err(self.no_target(batch_size));
+            }
+            // Counts are known on the host: one device sync per micro-batch, for the loss value
+            // that the non-finite check needs. Throughput counts the positions that predict a
+            // token (L - 1 per row), trained or not.
+            tokens += batch.tokens.saturating_sub(examples.len());
+            let model = self.model();
+            let logits = model.forward_packed(batch.ids.clone(), batch.packing.as_ref());
+            let (sum, _) = causal_lm_loss_weighted(logits, batch.ids, batch.weights);
+            let loss = sum / batch.targets as f64;
+            let value = scalar(loss.clone())?;
+            self.finite("loss", value)?;
+            loss_sum += value;
+            let grads = (loss / accum as f64).backward();
+            acc.accumulate(model, GradientsParams::from_grads(grads, model));
+        }
+        Ok((acc.grads(), loss_sum / accum as f64, tokens))
+    }
+
+    /// [`Trainer::gradients`] of a data-parallel worker: each micro-batch is a global batch of
+    /// `batch_size` x workers examples (the same on every worker: the stream is a function of the
+    /// seed) of which this worker runs its slice; its loss is divided by the global batch's
+    /// target count, so that the sum over workers is exactly the one-device loss and gradient.
+    /// The trainable gradients and the loss are summed over the workers in one collective call.
+    fn gradients_parallel(&mut self) -> Result<(GradientsParams, f64, usize)> {
+        let (batch_size, accum) = (self.config.batch_size, self.config.grad_accum);
+        let (rank, world) = self.worker();
+        let mut acc = GradientsAccumulator::<LlamaForCausalLM<B>>::new();
+        let mut loss_sum: Option<Tensor<B::InnerBackend, 1>> = None;
+        let mut tokens = 0usize;
+        for _ in 0..accum {
+            let global = self.data.stream.next_batch(batch_size * world);
+            let targets = count_targets(&global);
+            if targets == 0 {
+                // Every worker sees the same global batch: all stop here together.
+                return Err(self.no_target(batch_size * world));
+            }
+            tokens += global
+                .iter()
+                .map(|e| e.len().saturating_sub(1))
+                .sum::<usize>();
+            let mine = &global[rank * batch_size..(rank + 1) * batch_size];
+            let batch = batch_examples::<B>(mine, &self.device);
+            let model = self.model();
+            let logits = model.forward_packed(batch.ids.clone(), batch.packing.as_ref());
+            let (sum, _) = causal_lm_loss_weighted(logits, batch.ids, batch.weights);
+            let loss = sum / targets as f64;
+            // No host sync here: the loss travels with the gradients; the non-finite check is
+            // made on the sum, by every worker alike.
+            let value = loss.clone().inner();
+            loss_sum = Some(match loss_sum {
+                Some(s) => s + value,
+                None => value,
+            });
+            let grads = (loss / accum as f64).backward();
+            acc.accumulate(model, GradientsParams::from_grads(grads, model));
+        }
+        let loss = loss_sum.expect("grad_accum >= 1");
+        let (grads, loss) = all_reduce_grads(self.model(), acc.grads(), loss, &self.collective)?;
+        let loss = loss / accum as f64;
+        self.finite("loss", loss)?;
+        Ok((grads, loss, tokens))
+    }
+
+    fn no_target(&self, n: usize) -> TrainError {
+        TrainError::Invalid(format!(
+            "step {}: a micro-batch of {n} examples has no trained token",
+            self.step + 1
+        ))
     }
 
     /// An error if `value` is not finite: the step is abandoned before any update.
@@ -216,4 +275,74 @@ fn take_grads<B: AutodiffBackend>(
     };
     visit_named(model, &mut v);
     v.to
+}
+
+/// Sum the trainable gradients and `loss` over the workers: flattened in the model's parameter
+/// order (by name, the same on every worker; burn's `GradientsParams::all_reduce` orders by
+/// `ParamId`, which is random per loaded model, and makes one call per tensor) into one vector,
+/// one collective call, split back. Returns the summed gradients and loss.
+fn all_reduce_grads<B: AutodiffBackend>(
+    model: &LlamaForCausalLM<B>,
+    grads: GradientsParams,
+    loss: Tensor<B::InnerBackend, 1>,
+    collective: &Collective,
+) -> Result<(GradientsParams, f64)> {
+    // Summed in f32 whatever the gradients' dtype (trainable parameters are f32 masters in
+    // mixed precision, but a caller's model may differ), cast back after.
+    type Layout = (ParamId, Vec<usize>, burn::tensor::DType);
+    struct Flatten<B: AutodiffBackend> {
+        grads: GradientsParams,
+        parts: Vec<Tensor<B::InnerBackend, 1>>,
+        layout: Vec<Layout>,
+    }
+    impl<B: AutodiffBackend> NamedVisitor<B> for Flatten<B> {
+        fn visit<const D: usize>(&mut self, _: &str, param: &Param<Tensor<B, D>>) {
+            if let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) {
+                let (shape, dtype) = (g.dims().to_vec(), g.dtype());
+                let flat = g.reshape([shape.iter().product::<usize>()]);
+                self.parts.push(flat.cast(FloatDType::F32));
+                self.layout.push((param.id, shape, dtype));
+            }
+        }
+    }
+    let mut f = Flatten::<B> {
+        grads,
+        parts: Vec::new(),
+        layout: Vec::new(),
+    };
+    visit_named(model, &mut f);
+    f.parts.push(loss.cast(FloatDType::F32));
+    let flat = collective.sum("the gradients", Tensor::cat(f.parts, 0))?;
+    let n = flat.dims()[0];
+    let loss = scalar(flat.clone().slice(n - 1..n))?;
+    struct Unflatten<B: AutodiffBackend> {
+        flat: Tensor<B::InnerBackend, 1>,
+        offset: usize,
+        layout: std::collections::HashMap<ParamId, (Vec<usize>, burn::tensor::DType)>,
+        out: GradientsParams,
+    }
+    impl<B: AutodiffBackend> NamedVisitor<B> for Unflatten<B> {
+        fn visit<const D: usize>(&mut self, _: &str, param: &Param<Tensor<B, D>>) {
+            if let Some((shape, dtype)) = self.layout.get(&param.id) {
+                let n: usize = shape.iter().product();
+                let part = self.flat.clone().slice(self.offset..self.offset + n);
+                let dims: [usize; D] = std::array::from_fn(|i| shape[i]);
+                let part = part.reshape(dims).cast(FloatDType::from(*dtype));
+                self.out.register::<B::InnerBackend, D>(param.id, part);
+                self.offset += n;
+            }
+        }
+    }
+    let mut u = Unflatten::<B> {
+        flat,
+        offset: 0,
+        layout: f
+            .layout
+            .into_iter()
+            .map(|(id, s, d)| (id, (s, d)))
+            .collect(),
+        out: GradientsParams::new(),
+    };
+    visit_named(model, &mut u);
+    Ok((u.out, loss))
 }
