@@ -318,7 +318,7 @@ fn two_processes_on_loopback_train_as_one_worker() {
     // wait, and the checkpoint is intact.
     let out = dir.join("killed");
     let cfg = TrainConfig {
-        max_steps: Some(400),
+        max_steps: Some(100_000),
         save_every: 2,
         collective_timeout: 5.0,
         ..config(&model, &out, 3)
