@@ -213,8 +213,16 @@ fn workers_stop_together_and_bad_settings_are_named() {
     )
     .unwrap_err()
     .to_string();
-    assert!(e.contains("not finite"), "{e}");
-    assert!(e.contains("worker"), "{e}");
+    assert!(e.contains("not finite") && e.contains("is intact"), "{e}");
+    // A bad file fails every worker alike: the error reads as one worker's.
+    let missing = TrainConfig {
+        data: vec![DataSource::new(dir.join("missing.txt"))],
+        ..config(&model, &dir.join("missing"), 2)
+    };
+    let one = train_workers(&missing, 1, None).unwrap_err().to_string();
+    let two = train_workers(&missing, 2, None).unwrap_err().to_string();
+    assert_eq!(one, two);
+    assert!(one.contains("missing.txt"), "{one}");
     let bad = |c: TrainConfig| c.validate().unwrap_err().to_string();
     let base = config(&model, &dir.join("bad"), 2);
     let e = bad(TrainConfig {

@@ -502,12 +502,16 @@ pub fn train_parallel<B: AutodiffBackend>(
             }
             results
         });
-        match shared.first_failure() {
-            Some((rank, message)) => Err(TrainError::Collective(format!(
+        let first = results.into_iter().next().expect("one worker at least");
+        match (first, shared.first_failure()) {
+            // This process's first worker failed on its own (a bad file or setting fails every
+            // worker alike): its error as one worker would give it.
+            (Err(e), _) if !matches!(e, TrainError::Collective(_)) => Err(e),
+            (_, Some((rank, message))) => Err(TrainError::Collective(format!(
                 "worker {rank} of {} failed: {message}",
                 topology.world()
             ))),
-            None => results.into_iter().next().expect("one worker at least"),
+            (first, None) => first,
         }
     })
 }
