@@ -533,19 +533,16 @@ fn worker<B: AutodiffBackend>(
         let collective = parallel::join::<B::InnerBackend>(topology, rank, device, shared.clone())?;
         let mut trainer = Trainer::new_worker(config.clone(), model, data, collective)?;
         trainer.check_workers_agree()?;
-        if rank != 0 {
-            let report = run(&mut trainer, observer, stop)?;
-            trainer.collective.finish::<B::InnerBackend>();
-            return Ok(report);
-        }
-        // Everything is read and checked: from here on the run writes.
-        let removed = trainer.claim_output()?;
-        let mut metrics = MetricsLog::open(
-            &trainer.config.output.join("metrics.jsonl"),
-            trainer.resumed_from().map(|(_, s)| s),
-        )?;
+        // Everything is read and checked: from here on the run writes (rank 0 alone).
+        let (mut metrics, mut removed) = (None, Vec::new());
         let mut observers = Observers::new();
-        observers.push(&mut metrics);
+        if rank == 0 {
+            removed = trainer.claim_output()?;
+            observers.push(metrics.insert(MetricsLog::open(
+                &trainer.config.output.join("metrics.jsonl"),
+                trainer.resumed_from().map(|(_, s)| s),
+            )?));
+        }
         observers.push(observer);
         for p in removed {
             observers.on_event(&Event::Info(&format!("removed {}", p.display())));
@@ -553,7 +550,7 @@ fn worker<B: AutodiffBackend>(
         let report = run(&mut trainer, &mut observers, stop);
         drop(observers);
         // The metrics log cannot fail the run while it goes; its first error is reported here.
-        let report = match metrics.take_error() {
+        let report = match metrics.and_then(|mut m| m.take_error()) {
             Some(e) if report.is_ok() => Err(e),
             _ => report,
         }?;
