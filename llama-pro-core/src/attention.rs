@@ -6,7 +6,7 @@ use burn::tensor::{Tensor, backend::Backend};
 use crate::config::LlamaConfig;
 use crate::error::Result;
 use crate::linear::{Linear, LinearConfig};
-use crate::ops::{self, AttentionShape, apply_rope, causal_attention};
+use crate::ops::{self, AttentionShape, apply_rope, causal_attention_padded};
 use crate::weights::WeightSource;
 
 /// Configuration of an [`Attention`] layer.
@@ -250,11 +250,28 @@ impl<B: Backend> Attention<B> {
         sin: Tensor<B, 2>,
         cache: Option<&mut Option<LayerCache<B>>>,
     ) -> Tensor<B, 3> {
-        let [b, s, _] = x.dims();
-        let (h, kv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let Some(cache) = cache else {
             return self.whole(x, cos, sin, None);
         };
+        self.forward_padded(x, cos, sin, cache, &[])
+    }
+
+    /// [`Self::forward`] with a cache of left-padded rows (batched decoding): the first
+    /// `left_pad[r]` cached positions of row `r` (counted in the cache, the new positions
+    /// included) are padding that its real positions do not attend to. Empty: no padding.
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, d]`; cos, sin: `[seq, hd]`; output: `[batch, seq, d]`
+    pub fn forward_padded(
+        &self,
+        x: Tensor<B, 3>,
+        cos: Tensor<B, 2>,
+        sin: Tensor<B, 2>,
+        cache: &mut Option<LayerCache<B>>,
+        left_pad: &[usize],
+    ) -> Tensor<B, 3> {
+        let [b, s, _] = x.dims();
+        let (h, kv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         // [b, s, n·hd] → [b, n, s, hd]
         let heads = |t: Tensor<B, 3>, n: usize| t.reshape([b, s, n, hd]).swap_dims(1, 2);
         let q = heads(self.q_proj.forward(x.clone()), h);
@@ -272,7 +289,9 @@ impl<B: Backend> Attention<B> {
             k: k.clone(),
             v: v.clone(),
         });
-        let out = causal_attention(q, k, v, self.sliding_window, 1.0 / (hd as f64).sqrt());
+        let pads = (!left_pad.is_empty()).then_some(left_pad);
+        let out =
+            causal_attention_padded(q, k, v, self.sliding_window, 1.0 / (hd as f64).sqrt(), pads);
         let out = out.swap_dims(1, 2).reshape([b, s, h * hd]);
         self.o_proj.forward(out)
     }

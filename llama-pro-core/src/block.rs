@@ -95,6 +95,21 @@ impl<B: Backend> DecoderLayer<B> {
         self.residual(x, |a| self.self_attn.forward(a, cos, sin, cache))
     }
 
+    /// [`Self::forward`] continuing a cache of left-padded rows (see
+    /// [`Attention::forward_padded`](crate::attention::Attention::forward_padded)).
+    pub fn forward_padded(
+        &self,
+        x: Tensor<B, 3>,
+        cos: Tensor<B, 2>,
+        sin: Tensor<B, 2>,
+        cache: &mut Option<LayerCache<B>>,
+        left_pad: &[usize],
+    ) -> Tensor<B, 3> {
+        self.residual(x, |a| {
+            self.self_attn.forward_padded(a, cos, sin, cache, left_pad)
+        })
+    }
+
     /// [`Self::forward`] over packed documents (see [`Packing`]).
     ///
     /// # Shapes

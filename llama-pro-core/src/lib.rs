@@ -28,6 +28,7 @@ pub mod ops;
 pub mod params;
 pub mod rope;
 pub mod save;
+pub mod score;
 pub mod tokenizer;
 pub mod weights;
 

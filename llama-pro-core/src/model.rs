@@ -53,8 +53,11 @@ pub struct LlamaForCausalLM<B: Backend> {
 pub struct KvCache<B: Backend> {
     /// One slot per layer.
     pub layers: Vec<Option<LayerCache<B>>>,
-    /// Number of positions already cached.
+    /// Number of positions already cached (the position of the next token).
     pub len: usize,
+    /// Left padding of each row (batched decoding of prompts of different lengths): the first
+    /// `left_pad[r]` positions of row `r` are padding its tokens do not attend to. Empty: none.
+    pub left_pad: Vec<usize>,
 }
 
 impl<B: Backend> KvCache<B> {
@@ -63,7 +66,111 @@ impl<B: Backend> KvCache<B> {
         Self {
             layers: vec![None; num_layers],
             len: 0,
+            left_pad: Vec::new(),
         }
+    }
+
+    /// Rows of the batch (0 before the first forward).
+    pub fn rows(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .next()
+            .map_or(0, |c| c.k.dims()[0])
+    }
+
+    /// Keep only the rows `keep` (in that order), then drop leading positions that are padding
+    /// in every row kept.
+    pub fn select_rows(&mut self, keep: &[usize]) {
+        let Some(device) = self.layers.iter().flatten().next().map(|c| c.k.device()) else {
+            return;
+        };
+        let idx = Tensor::<B, 1, Int>::from_data(
+            burn::tensor::TensorData::new(
+                keep.iter().map(|&i| i as i64).collect::<Vec<_>>(),
+                [keep.len()],
+            ),
+            &device,
+        );
+        for c in self.layers.iter_mut().flatten() {
+            c.k = c.k.clone().select(0, idx.clone());
+            c.v = c.v.clone().select(0, idx.clone());
+        }
+        if !self.left_pad.is_empty() {
+            self.left_pad = keep.iter().map(|&i| self.left_pad[i]).collect();
+        }
+        let common = self.left_pad.iter().copied().min().unwrap_or(0);
+        if common > 0 {
+            for c in self.layers.iter_mut().flatten() {
+                let n = c.k.dims()[2];
+                c.k = c.k.clone().narrow(2, common, n - common);
+                c.v = c.v.clone().narrow(2, common, n - common);
+            }
+            self.left_pad.iter_mut().for_each(|p| *p -= common);
+        }
+    }
+
+    /// Append the rows of `other` (whose next position must be this cache's: keys are at
+    /// their RoPE positions), left-padding the shorter side's keys with zeros.
+    pub fn append_rows(&mut self, other: KvCache<B>) {
+        if self.rows() == 0 {
+            *self = other;
+            return;
+        }
+        assert_eq!(
+            self.len, other.len,
+            "appended rows continue at the same position"
+        );
+        let (mine, theirs) = (self.rows(), other.rows());
+        let kv_mine = self
+            .layers
+            .iter()
+            .flatten()
+            .next()
+            .map_or(0, |c| c.k.dims()[2]);
+        let kv_theirs = other
+            .layers
+            .iter()
+            .flatten()
+            .next()
+            .map_or(0, |c| c.k.dims()[2]);
+        let width = kv_mine.max(kv_theirs);
+        let pad = |t: Tensor<B, 4>, n: usize| {
+            if n == 0 {
+                return t;
+            }
+            let [b, h, _, d] = t.dims();
+            let z = Tensor::<B, 4>::zeros([b, h, n, d], &t.device()).cast(t.dtype());
+            Tensor::cat(vec![z, t], 2)
+        };
+        for (a, o) in self.layers.iter_mut().zip(other.layers) {
+            if let (Some(a), Some(o)) = (a.as_mut(), o) {
+                a.k = Tensor::cat(
+                    vec![
+                        pad(a.k.clone(), width - kv_mine),
+                        pad(o.k, width - kv_theirs),
+                    ],
+                    0,
+                );
+                a.v = Tensor::cat(
+                    vec![
+                        pad(a.v.clone(), width - kv_mine),
+                        pad(o.v, width - kv_theirs),
+                    ],
+                    0,
+                );
+            }
+        }
+        let old = |p: &Vec<usize>, rows: usize, extra: usize| -> Vec<usize> {
+            if p.is_empty() {
+                vec![extra; rows]
+            } else {
+                p.iter().map(|x| x + extra).collect()
+            }
+        };
+        let mut pads = old(&self.left_pad, mine, width - kv_mine);
+        pads.extend(old(&other.left_pad, theirs, width - kv_theirs));
+        self.left_pad = pads;
     }
 }
 
@@ -349,6 +456,26 @@ impl<B: Backend> LlamaForCausalLM<B> {
         self.head(h)
     }
 
+    /// Final hidden states (after the last norm, before the head): `[batch, seq, d]`.
+    pub fn forward_final_hidden(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.hidden(input_ids, None, false).0
+    }
+
+    /// [`Self::forward_cached`] that returns only the logits of the last position of each row
+    /// (`[batch, vocab]`): the next-token distribution of batched decoding, without the
+    /// `[batch, seq, vocab]` logits of a prefill.
+    pub fn forward_cached_last(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+    ) -> Tensor<B, 2> {
+        let (h, _) = self.hidden(input_ids, Some(cache), false);
+        let [b, s, _] = h.dims();
+        let last = self.head(h.narrow(1, s - 1, 1));
+        let v = last.dims()[2];
+        last.reshape([b, v])
+    }
+
     fn hidden(
         &self,
         input_ids: Tensor<B, 2, Int>,
@@ -381,10 +508,19 @@ impl<B: Backend> LlamaForCausalLM<B> {
         for (i, layer) in self.model.layers.iter().enumerate() {
             x = match packing {
                 Some(p) => layer.forward_packed(x, cos.clone(), sin.clone(), p),
-                None => {
-                    let slot = cache.as_mut().map(|c| &mut c.layers[i]);
-                    layer.forward(x, cos.clone(), sin.clone(), slot)
-                }
+                None => match cache.as_mut() {
+                    Some(c) if !c.left_pad.is_empty() => layer.forward_padded(
+                        x,
+                        cos.clone(),
+                        sin.clone(),
+                        &mut c.layers[i],
+                        &c.left_pad,
+                    ),
+                    c => {
+                        let slot = c.map(|c| &mut c.layers[i]);
+                        layer.forward(x, cos.clone(), sin.clone(), slot)
+                    }
+                },
             };
             if keep {
                 outs.push(x.clone());

@@ -394,6 +394,9 @@ pub struct TrainConfig {
     pub eval_max_sequences: Option<usize>,
     /// Evaluate every N optimizer steps (0 = only before and after).
     pub eval_every: usize,
+    /// Multiple-choice tasks (`.jsonl` of {context, choices, gold}) scored before and after
+    /// training, as lm-evaluation-harness does (acc, acc_norm; see [`crate::tasks`]).
+    pub eval_tasks: Vec<PathBuf>,
     /// Fraction of the training windows held out as `val` when no `eval` set is given.
     pub val_fraction: f64,
     /// Write a checkpoint every N optimizer steps (0 = only at the end).
@@ -484,6 +487,7 @@ impl Default for TrainConfig {
             eval: vec![],
             eval_max_sequences: None,
             eval_every: 0,
+            eval_tasks: Vec::new(),
             val_fraction: 0.02,
             save_every: 0,
             keep: 2,

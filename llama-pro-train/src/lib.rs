@@ -24,6 +24,7 @@ pub mod parallel;
 pub mod plot;
 pub mod schedule;
 pub mod sft;
+pub mod tasks;
 pub mod tokenizer_train;
 pub mod trainer;
 

@@ -313,7 +313,7 @@ pub(super) fn stream<B: Backend>(
 }
 
 /// Length of the longest suffix of `text` that begins one of `stop` (held back from printing).
-fn pending_stop(text: &str, stop: &[&str]) -> usize {
+pub(super) fn pending_stop(text: &str, stop: &[&str]) -> usize {
     stop.iter()
         .flat_map(|s| (1..s.len()).filter(|&n| s.is_char_boundary(n) && text.ends_with(&s[..n])))
         .max()

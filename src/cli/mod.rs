@@ -26,6 +26,7 @@ mod inspect;
 mod pipeline;
 mod progress;
 mod selftest;
+mod serve;
 mod sft;
 mod tokenizer;
 mod train;
@@ -86,6 +87,10 @@ pub enum Command {
     /// One training step (or forward pass, or greedy decoding) of a synthetic model on a device:
     /// tokens/s, step time, model FLOPs, MFU, peak memory; JSON with --json.
     Bench(Box<bench::BenchArgs>),
+    /// Serve the model over HTTP with the OpenAI API (completions with echo and logprobs for
+    /// lm-evaluation-harness, chat completions with streaming, models, health), batching
+    /// requests on one engine.
+    Serve(serve::ServeArgs),
     /// Golden parity checks on a device: logits and KV-cache decoding against transformers, one
     /// training step against torch, expansion identity; exits 1 on a failure.
     Selftest(selftest::SelftestArgs),
@@ -110,6 +115,7 @@ pub fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Demo(a) => demo::run(&a),
         Command::TrainTokenizer(a) => tokenizer::run(&a),
         Command::Bench(a) => bench::run(&a),
+        Command::Serve(a) => serve::run(&a),
         Command::Selftest(a) => return selftest::run(&a),
     }?;
     Ok(std::process::ExitCode::SUCCESS)

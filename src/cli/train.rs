@@ -156,6 +156,11 @@ pub struct TrainArgs {
     /// Evaluate every N steps (0: before and after only).
     #[arg(long)]
     pub eval_every: Option<usize>,
+    /// A multiple-choice task scored before and after training (acc, acc_norm as
+    /// lm-evaluation-harness; .jsonl of {"context", "choices", "gold"}), repeatable: the
+    /// forgetting on benchmark items in the report.
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub eval_task: Vec<PathBuf>,
     /// Write a checkpoint every N steps (0: at the end only).
     #[arg(long)]
     pub save_every: Option<usize>,
@@ -290,6 +295,9 @@ impl TrainArgs {
             ($($f:ident),*) => { $( if !self.$f.is_empty() { c.$f = self.$f.clone(); } )* };
         }
         set_list!(lora_targets, data, eval, lr_scale, devices);
+        if !self.eval_task.is_empty() {
+            c.eval_tasks = self.eval_task.clone();
+        }
         c.random_init |= self.random_init;
         c.activation_checkpointing |= self.activation_checkpointing;
         if self.no_packing {

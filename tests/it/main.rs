@@ -17,5 +17,6 @@ mod memory;
 mod parallel;
 pub mod parity;
 mod reliability;
+mod serve;
 mod sft;
 mod training;

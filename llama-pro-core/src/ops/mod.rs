@@ -46,7 +46,7 @@ mod cube_kernels;
 mod kernel;
 pub mod tiled;
 
-pub use composed::{apply_rope, causal_attention, pair_mask, repeat_kv};
+pub use composed::{apply_rope, causal_attention, causal_attention_padded, pair_mask, repeat_kv};
 use kernel::{KernelBackend, fp, tp};
 
 thread_local! {

@@ -76,6 +76,9 @@ struct RunState {
     step: usize,
     cursor: DataCursor,
     eval_before: BTreeMap<String, EvalResult>,
+    /// Task scores before training (absent before `eval_tasks` existed).
+    #[serde(default)]
+    tasks_before: BTreeMap<String, crate::tasks::McResult>,
     config: TrainConfig,
     trainable_names: Vec<String>,
     /// Absent in checkpoints of llama-pro before the manifest existed.
@@ -183,6 +186,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             step: self.step,
             cursor: self.data.stream.cursor().clone(),
             eval_before: self.eval_before.clone(),
+            tasks_before: self.tasks_before.clone(),
             config: self.config.clone(),
             trainable_names: trainable.clone(),
             manifest: Some(self.manifest.clone()),
@@ -285,6 +289,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.data.stream.restore(state.cursor)?;
         self.step = state.step;
         self.eval_before = state.eval_before;
+        self.tasks_before = state.tasks_before;
         if let Some(m) = state.manifest {
             self.manifest.run_id = m.run_id;
         }

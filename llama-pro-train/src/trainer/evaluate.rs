@@ -8,6 +8,7 @@ use llama_pro_core::burn;
 
 use crate::error::Result;
 use crate::eval::{EvalResult, count_targets, eval_result, evaluate_examples, loss_sum_shard};
+use crate::tasks::{McOptions, McResult, evaluate_task};
 
 use super::{EvalPoint, Trainer};
 
@@ -58,6 +59,35 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
         self.evals.push(EvalPoint::new(self.step, &out));
         self.latest_eval = Some((self.step, out.clone()));
+        Ok(out)
+    }
+
+    /// Score the multiple-choice tasks (`eval_tasks`) as lm-evaluation-harness does: before
+    /// training (a fresh run at step 0) and after its last step, for the report. Every worker
+    /// scores them (the same model: the same numbers); nothing to do without tasks.
+    pub fn evaluate_tasks(&mut self) -> Result<BTreeMap<String, McResult>> {
+        let mut out = BTreeMap::new();
+        if self.tasks.is_empty() {
+            return Ok(out);
+        }
+        let Some(tok) = self.info.tokenizer.as_ref() else {
+            return Ok(out);
+        };
+        let inner = self.model().valid();
+        let opts = McOptions {
+            batch_size: self.config.batch_size,
+            ..McOptions::default()
+        };
+        for task in &self.tasks {
+            let r = evaluate_task(&inner, tok, task, &opts, &self.device, |_, _| {})?;
+            out.insert(task.name.clone(), r);
+        }
+        if self.step == 0 && self.resumed.is_none() {
+            self.tasks_before = out.clone();
+        }
+        if self.is_done() {
+            self.tasks_after = out.clone();
+        }
         Ok(out)
     }
 }

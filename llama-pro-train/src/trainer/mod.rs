@@ -46,6 +46,7 @@ use crate::error::{Result, TrainError};
 use crate::eval::EvalResult;
 use crate::parallel::{self, Collective, Topology};
 use crate::schedule::Schedule;
+use crate::tasks::{McResult, McTask};
 
 mod checkpoint;
 mod evaluate;
@@ -81,6 +82,10 @@ pub struct Trainer<B: AutodiffBackend> {
     /// The checkpoint this run resumed from, and its step.
     resumed: Option<(PathBuf, usize)>,
     eval_before: BTreeMap<String, EvalResult>,
+    /// Multiple-choice tasks (`eval_tasks`) and their scores before and after training.
+    tasks: Vec<McTask>,
+    tasks_before: BTreeMap<String, McResult>,
+    tasks_after: BTreeMap<String, McResult>,
     evals: Vec<EvalPoint>,
     /// The latest evaluation and its step.
     latest_eval: Option<(usize, BTreeMap<String, EvalResult>)>,
@@ -123,6 +128,18 @@ impl<B: AutodiffBackend> Trainer<B> {
         collective: Collective,
     ) -> Result<Self> {
         config.validate()?;
+        // Task files are read now: a bad line fails before training, not after it.
+        let tasks = config
+            .eval_tasks
+            .iter()
+            .map(|p| McTask::load(p))
+            .collect::<Result<Vec<_>>>()?;
+        if !tasks.is_empty() && model.info.tokenizer.is_none() {
+            return Err(TrainError::setting(
+                "eval_tasks",
+                "the model directory has no tokenizer.json: task items are text, scored with the model's tokenizer",
+            ));
+        }
         let per_step = config.batch_size * config.grad_accum * collective.world();
         let total_steps = config.max_steps.unwrap_or_else(|| {
             ((config.epochs * data.stream.len() as f64) / per_step as f64)
@@ -188,6 +205,9 @@ impl<B: AutodiffBackend> Trainer<B> {
             step: 0,
             resumed: None,
             eval_before: BTreeMap::new(),
+            tasks,
+            tasks_before: BTreeMap::new(),
+            tasks_after: BTreeMap::new(),
             evals: Vec::new(),
             latest_eval: None,
             losses: Vec::new(),
@@ -373,6 +393,8 @@ impl<B: AutodiffBackend> Trainer<B> {
             losses: self.losses.clone(),
             eval_before: self.eval_before.clone(),
             eval_after: BTreeMap::new(),
+            tasks_before: self.tasks_before.clone(),
+            tasks_after: self.tasks_after.clone(),
             evals: self.evals.clone(),
             model_dir: None,
             interrupted,
@@ -403,6 +425,7 @@ impl<B: AutodiffBackend> Trainer<B> {
     pub fn finish(mut self) -> Result<TrainReport> {
         self.save()?;
         self.evaluate()?;
+        self.evaluate_tasks()?;
         self.export()
     }
 }
@@ -606,6 +629,13 @@ fn run<B: AutodiffBackend>(
             step: 0,
             results: &r,
         });
+        let t = trainer.evaluate_tasks()?;
+        if !t.is_empty() {
+            o.on_event(&Event::Info(&format!(
+                "tasks before training: {}",
+                describe_tasks(&t)
+            )));
+        }
     }
     while !trainer.is_done() {
         if trainer.stop_requested(stop)? {
@@ -638,6 +668,13 @@ fn run<B: AutodiffBackend>(
     o.on_event(&Event::Checkpoint { step, dir: &dir });
     let r = trainer.evaluate()?;
     o.on_event(&Event::Eval { step, results: &r });
+    let t = trainer.evaluate_tasks()?;
+    if !t.is_empty() {
+        o.on_event(&Event::Info(&format!(
+            "tasks after training: {}",
+            describe_tasks(&t)
+        )));
+    }
     let report = trainer.export()?;
     o.on_event(&Event::End(&report));
     Ok(report)
@@ -684,4 +721,17 @@ fn describe<B: AutodiffBackend>(t: &Trainer<B>) -> String {
         t.total_steps(),
         c.batch_size * c.grad_accum * world,
     )
+}
+
+/// `name acc 0.6500 acc_norm 0.7750; ...`
+fn describe_tasks(t: &BTreeMap<String, McResult>) -> String {
+    t.values()
+        .map(|r| {
+            format!(
+                "{} acc {:.4} acc_norm {:.4} ({} items)",
+                r.task, r.acc, r.acc_norm, r.n
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }

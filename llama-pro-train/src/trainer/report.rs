@@ -61,6 +61,12 @@ pub struct TrainReport {
     pub eval_before: BTreeMap<String, EvalResult>,
     /// Evaluation after training, per set (empty if interrupted).
     pub eval_after: BTreeMap<String, EvalResult>,
+    /// Multiple-choice task scores before training (`eval_tasks`).
+    #[serde(default)]
+    pub tasks_before: BTreeMap<String, crate::tasks::McResult>,
+    /// Multiple-choice task scores after training (empty if interrupted).
+    #[serde(default)]
+    pub tasks_after: BTreeMap<String, crate::tasks::McResult>,
     /// Every evaluation of this process, in order: before training (step 0, unless resumed),
     /// every `eval_every` steps, and after training.
     pub evals: Vec<EvalPoint>,
@@ -96,6 +102,27 @@ pub fn forgetting_table(r: &TrainReport) -> String {
                 a.loss,
                 100.0 * (a.loss - b.loss) / b.loss
             );
+        }
+    }
+    if !r.tasks_before.is_empty() {
+        s += &format!(
+            "{:<12} {:>12} {:>12} {:>9}\n",
+            "task", "acc before", "acc after", "change"
+        );
+        for (k, b) in &r.tasks_before {
+            if let Some(a) = r.tasks_after.get(k) {
+                for (metric, before, after) in
+                    [("acc", b.acc, a.acc), ("acc_norm", b.acc_norm, a.acc_norm)]
+                {
+                    s += &format!(
+                        "{:<12} {:>12.4} {:>12.4} {:>+9.4}\n",
+                        format!("{k} {metric}"),
+                        before,
+                        after,
+                        after - before
+                    );
+                }
+            }
         }
     }
     s
