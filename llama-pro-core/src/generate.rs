@@ -181,7 +181,10 @@ pub fn generate_until<B: Backend>(
     for step in 0..cfg.max_new_tokens {
         let n = input.len();
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(input, [1, n]), device);
-        let logits = if cfg.use_kv_cache {
+        let logits = if cfg.use_kv_cache && step > 0 {
+            // One new token: a decoding step (see `ops::decoding`).
+            crate::ops::decoding(|| model.forward_cached(ids, &mut cache))
+        } else if cfg.use_kv_cache {
             model.forward_cached(ids, &mut cache)
         } else {
             model.forward(ids)

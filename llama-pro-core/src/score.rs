@@ -302,7 +302,7 @@ impl<'m, B: Backend> BatchDecoder<'m, B> {
         }
         let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [n, 1]), &self.device);
-        let logits = self.model.forward_cached_last(ids, &mut self.cache);
+        let logits = crate::ops::decoding(|| self.model.forward_cached_last(ids, &mut self.cache));
         self.read(logits, n)
     }
 

@@ -50,6 +50,7 @@ pub use composed::{apply_rope, causal_attention, causal_attention_padded, pair_m
 use kernel::{KernelBackend, fp, tp};
 
 thread_local! {
+    static DECODING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     static KERNELS_OFF: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     static KERNEL_CALLS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
@@ -88,6 +89,26 @@ pub fn without_kernels<R>(f: impl FnOnce() -> R) -> R {
     }
     let _restore = Restore(KERNELS_OFF.with(|k| k.replace(true)));
     f()
+}
+
+/// Run `f` as a decoding step (one new token per sequence): linear layers with few rows may
+/// use a kernel that reads each weight row once for all rows (CPU: several times faster than
+/// gemm, which packs the weights first). Only decoding steps use it, so that scoring and
+/// prefill give the same bits whatever the batch.
+pub fn decoding<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            DECODING.with(|k| k.set(self.0));
+        }
+    }
+    let _restore = Restore(DECODING.with(|k| k.replace(true)));
+    f()
+}
+
+/// Whether this thread is inside [`decoding`].
+pub fn is_decoding() -> bool {
+    DECODING.with(|k| k.get())
 }
 
 /// Whether backend `B` has fused kernels (and they are enabled on this thread). Inputs a kernel
