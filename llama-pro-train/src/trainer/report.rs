@@ -105,8 +105,16 @@ pub fn forgetting_table(r: &TrainReport) -> String {
         }
     }
     if !r.tasks_before.is_empty() {
+        // Wide enough for "<task> acc_norm".
+        let w = r
+            .tasks_before
+            .keys()
+            .map(|k| k.len() + 9)
+            .max()
+            .unwrap_or(0)
+            .max(12);
         s += &format!(
-            "{:<12} {:>12} {:>12} {:>9}\n",
+            "{:<w$} {:>12} {:>12} {:>9}\n",
             "task", "acc before", "acc after", "change"
         );
         for (k, b) in &r.tasks_before {
@@ -115,7 +123,7 @@ pub fn forgetting_table(r: &TrainReport) -> String {
                     [("acc", b.acc, a.acc), ("acc_norm", b.acc_norm, a.acc_norm)]
                 {
                     s += &format!(
-                        "{:<12} {:>12.4} {:>12.4} {:>+9.4}\n",
+                        "{:<w$} {:>12.4} {:>12.4} {:>+9.4}\n",
                         format!("{k} {metric}"),
                         before,
                         after,
