@@ -393,9 +393,9 @@ fn serve_openai_endpoints() {
         assert_eq!(lps.len(), p.len() + 1);
         assert!(lps[0].is_null() && tops[0].is_null());
         for t in 1..p.len() {
-            // The f32 values, widened (lm-eval sums them in f64). serde_json's default float
-            // parser may be 1 ulp off (Python's is exact): compare to 1e-15.
-            let same = |a: f64, b: f32| (a - b as f64).abs() <= 1e-15 * a.abs().max(1.0);
+            // The values `score` computes (the server may have scored the two prompts in
+            // separate passes: rounding of another batch shape, ~1 ulp).
+            let same = |a: f64, b: f32| (a - b as f64).abs() <= 1e-5;
             assert!(
                 same(lps[t].as_f64().unwrap(), s.token_logprobs[t - 1]),
                 "prompt {i} token {t}: {} vs {}",
@@ -596,7 +596,7 @@ fn serve_concurrency_disconnect_and_shutdown() {
         &["--max-batch", "8"],
         &[("LLAMA_PRO_SERVE_STEP_MS", "10")],
     );
-    let body = |i: usize| json!({"prompt": (1..4 + 3 * i as u32).collect::<Vec<u32>>(), "max_tokens": 16, "temperature": 0});
+    let body = |i: usize| json!({"prompt": (1..4 + 3 * i as u32).collect::<Vec<u32>>(), "max_tokens": 16, "temperature": 0, "logprobs": 2});
     // One at a time first.
     let alone: Vec<Value> = (0..12)
         .map(|i| server.post("/v1/completions", &body(i)).1)
@@ -620,13 +620,43 @@ fn serve_concurrency_disconnect_and_shutdown() {
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
+    // The same tokens, up to a near-tie: batched rows are computed with other kernels (gemm vs
+    // the few-row decoding kernel), so greedy choices between two tokens within rounding may
+    // differ; from there on the sequences may differ.
+    let mut diverged = 0;
     for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
-        assert_eq!(
-            a["choices"][0]["text"], t["choices"][0]["text"],
-            "request {i}: batched differs from alone"
-        );
-        assert_eq!(a["usage"], t["usage"], "request {i}");
+        let toks = |v: &Value| {
+            v["choices"][0]["logprobs"]["tokens"]
+                .as_array()
+                .unwrap()
+                .clone()
+        };
+        let (ta, tt) = (toks(a), toks(t));
+        match ta.iter().zip(&tt).position(|(x, y)| x != y) {
+            None => {
+                assert_eq!(
+                    a["choices"][0]["text"], t["choices"][0]["text"],
+                    "request {i}"
+                );
+                assert_eq!(a["usage"], t["usage"], "request {i}");
+            }
+            Some(j) => {
+                let top = &a["choices"][0]["logprobs"]["top_logprobs"][j];
+                let v: Vec<f64> = top
+                    .as_object()
+                    .unwrap()
+                    .values()
+                    .map(|v| v.as_f64().unwrap())
+                    .collect();
+                assert!(
+                    v.len() == 2 && (v[0] - v[1]).abs() < 1e-4,
+                    "request {i}: batched differs from alone at token {j} without a near-tie: {top}"
+                );
+                diverged += 1;
+            }
+        }
     }
+    assert!(diverged <= 2, "{diverged} of 12 requests diverged");
 
     // Disconnect: a long streamed generation (100 steps, >= 1 s), dropped after its first
     // chunk, leaves the batch as cancelled.
