@@ -175,21 +175,18 @@ pub fn causal_attention_padded<B: Backend>(
                 }
             }
         }
-        // Composed (scores, additive mask, softmax in f32, weighted values): burn's attention
-        // op with a boolean mask was 4x slower here on the CPU backend for decoding steps.
-        let bias: Vec<f32> = m
-            .into_iter()
-            .map(|x| if x { f32::NEG_INFINITY } else { 0.0 })
-            .collect();
-        let bias = Tensor::<B, 3>::from_data(
-            burn::tensor::TensorData::new(bias, [b, s, kv_len]),
+        let mask = Tensor::<B, 3, Bool>::from_data(
+            burn::tensor::TensorData::new(m, [b, s, kv_len]),
             &q.device(),
         )
-        .unsqueeze_dim::<4>(1);
-        let dtype = q.dtype();
-        let scores = q.matmul(k.swap_dims(2, 3)).cast(FloatDType::F32) * scale + bias;
-        let probs = burn::tensor::activation::softmax(scores, 3);
-        return probs.cast(FloatDType::from(dtype)).matmul(v);
+        .unsqueeze_dim::<4>(1)
+        .expand([b, h, s, kv_len]);
+        let options = AttentionModuleOptions {
+            scale: Some(scale),
+            softcap: None,
+            is_causal: false,
+        };
+        return burn_attention(q, k, v, Some(mask), None, options);
     }
     // Masking. `is_causal` is used only when queries and keys cover the same positions. When
     // they differ (cached decoding), the boundary must align to the last position: burn's
