@@ -34,7 +34,7 @@
 //!   state) while the reshapes after each kernel still keep its output: checkpointing *adds*
 //!   about 2–4 `[tokens, hidden]` buffers per block. The plan says so rather than pretend.
 //! - **logits and loss**: `[tokens, vocab]` logits in the activation dtype. The fused loss keeps
-//!   them plus a row log-sum-exp (f32) and writes the gradient over them (CPU kernel); the
+//!   them plus a row log-sum-exp (f32) and writes the gradient over them (CPU and CubeCL kernels); the
 //!   composed loss (burn's f32 log-softmax) keeps the shifted f32 logits and has about three f32
 //!   `[tokens, vocab]` tensors live at its peak.
 //! - **transients**: one block's backward working set, the optimizer update (the fused AdamW
@@ -637,7 +637,8 @@ impl MemoryPlan {
             )
         } else {
             // Kernel: logits plus one f32 log-sum-exp per row; the gradient overwrites the
-            // logits in place (CPU kernel), then the head computes its input's gradient.
+            // logits in place (CPU and CubeCL kernels), then the head computes its input's
+            // gradient.
             (
                 logits + sh.stat(),
                 logits + sh.stat() + sh.td(),

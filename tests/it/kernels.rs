@@ -241,8 +241,22 @@ fn op_suite<B: AutodiffBackend>(dev: &B::Device, tol: f32) {
     });
     check(
         "causal cross-entropy",
-        &[logits],
+        &[logits.clone()],
         &|t| ops::causal_ce(t[0].clone().reshape([b, s, v]), ids.clone(), mask.clone()),
+        tol,
+    );
+    // Logits that only the loss holds (as the LM head's output in the model): the GPU kernel
+    // writes the gradient over them.
+    check(
+        "causal cross-entropy, logits owned by the loss",
+        &[logits],
+        &|t| {
+            ops::causal_ce(
+                (t[0].clone() * 0.5).reshape([b, s, v]),
+                ids.clone(),
+                mask.clone(),
+            )
+        },
         tol,
     );
 }
@@ -476,8 +490,12 @@ fn lowp_suite<B: AutodiffBackend>(dev: &B::Device, dtype: FloatDType, tol: f32) 
     let (b, s, v) = (3, 30, 50);
     let logits = leaf_on::<B, 2>([b * s, v], 10, 5.0, dev);
     let (ids, mask) = ce_inputs::<B>(b, s, v, dev);
-    check_low("causal cross-entropy", &[logits], &|t, _| {
+    check_low("causal cross-entropy", &[logits.clone()], &|t, _| {
         ops::causal_ce(t[0].clone().reshape([b, s, v]), ids.clone(), mask.clone()).reshape([1, 1])
+    });
+    check_low("causal cross-entropy, logits owned", &[logits], &|t, _| {
+        let logits = (t[0].clone() * 0.5).reshape([b, s, v]);
+        ops::causal_ce(logits, ids.clone(), mask.clone()).reshape([1, 1])
     });
 }
 

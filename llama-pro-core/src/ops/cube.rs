@@ -3,8 +3,10 @@
 //! block-wise forward/backward of `tiled.rs` instead of differentiating burn's composed ops
 //! (which keep the O(seq²) attention probabilities and the f32 logits; see `tiled.rs`).
 //!
-//! RMSNorm, SwiGLU and AdamW run the fused CubeCL kernels of `cube_kernels.rs`; attention and the
-//! loss run block-wise in burn ops, whose matmuls are the backend's (`cubek-matmul`).
+//! RMSNorm, SwiGLU, AdamW and the loss run the fused CubeCL kernels of `cube_kernels.rs`;
+//! attention runs block-wise (`tiled.rs`) with the backend's matmuls (`cubek-matmul`) and fused
+//! kernels for everything between them: RoPE with the token↔head layout change, and each block's
+//! softmax (forward) and softmax gradient (backward).
 //!
 //! Every dtype is handled (f32, bf16, f16: the matmuls in the dtype, reductions and softmax in
 //! f32); mixed dtypes (an f32 master weight with bf16 activations) fall back to the composition
@@ -12,15 +14,17 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{FloatDType, Int, Tensor};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 
 use super::kernel::{KernelBackend, fp, tp};
 use super::{AdamWStep, AttentionShape, cube_kernels, tiled};
 
 /// Whether the CubeCL kernels run (`cube_kernels.rs`); `LLAMA_PRO_CUBE_KERNELS=0` keeps the
-/// block-wise operations but composes RMSNorm, SwiGLU and AdamW from burn ops instead (to rule
-/// a kernel out when a driver miscompiles it; the results are the same to rounding).
+/// block-wise operations but runs them entirely in burn ops (`tiled.rs`) instead (to rule a
+/// kernel out when a driver miscompiles it; the results are the same to rounding).
 fn cube_kernels_on() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| {
@@ -132,11 +136,19 @@ where
         shape: AttentionShape,
     ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
         let ok = same_dtype::<Self>(&q, &k) && same_dtype::<Self>(&q, &v);
-        ok.then(|| {
+        if !ok {
+            return None;
+        }
+        if !cube_kernels_on() {
             let (out, lse) =
                 tiled::attention_fwd(t2::<Self>(q), t2(k), t2(v), t2(cos), t2(sin), shape);
-            (fp(out), fp(lse))
-        })
+            return Some((fp(out), fp(lse)));
+        }
+        let dtype = q.dtype;
+        let [qh, kh, vh] = heads::<R>(q, k, v, &cos, &sin, &shape);
+        let (out, lse) =
+            tiled::attention_fwd_heads(tp::<Self, 4>(qh), tp(kh), tp(vh), shape, &FusedSoftmax);
+        Some((cube_kernels::to_tokens(fp(out), None, dtype), fp(lse)))
     }
 
     fn attention_backward_kernel(
@@ -150,18 +162,48 @@ where
         dout: FloatTensor<Self>,
         shape: AttentionShape,
     ) -> [FloatTensor<Self>; 3] {
-        tiled::attention_bwd(
-            t2::<Self>(q),
-            t2(k),
-            t2(v),
-            t2(cos),
-            t2(sin),
-            t2(out),
+        if !cube_kernels_on() {
+            return tiled::attention_bwd(
+                t2::<Self>(q),
+                t2(k),
+                t2(v),
+                t2(cos),
+                t2(sin),
+                t2(out),
+                tp(lse),
+                t2(dout),
+                shape,
+            )
+            .map(fp);
+        }
+        let dtype = q.dtype;
+        let dout = match dout.dtype == dtype {
+            true => dout,
+            false => fp(t2::<Self>(dout).cast(FloatDType::from(dtype))),
+        };
+        let [qh, kh, vh] = heads::<R>(q, k, v, &cos, &sin, &shape);
+        let dims = [shape.batch, shape.heads, shape.seq, shape.head_dim];
+        let (out, dout) = (
+            cube_kernels::to_heads(out, None, dims),
+            cube_kernels::to_heads(dout, None, dims),
+        );
+        let grads = tiled::attention_bwd_heads(
+            tp::<Self, 4>(qh),
+            tp(kh),
+            tp(vh),
+            tp(out),
+            tp(dout),
             tp(lse),
-            t2(dout),
             shape,
-        )
-        .map(fp)
+            &FusedSoftmax,
+        );
+        let (cos, sin) = (into_contiguous(cos), into_contiguous(sin));
+        let [dq, dk, dv] = grads.map(fp);
+        [
+            cube_kernels::to_tokens(dq, Some((&cos, &sin)), dtype),
+            cube_kernels::to_tokens(dk, Some((&cos, &sin)), dtype),
+            cube_kernels::to_tokens(dv, None, dtype),
+        ]
     }
 
     fn causal_ce_kernel(
@@ -170,8 +212,13 @@ where
         mask: FloatTensor<Self>,
     ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
         let ids = Tensor::<Self, 2, Int>::from_primitive(ids);
-        let (loss, lse) = tiled::causal_ce_fwd(tp::<Self, 3>(logits), ids, t2(mask));
-        Some((fp(loss), fp(lse)))
+        if !cube_kernels_on() {
+            let (loss, lse) = tiled::causal_ce_fwd(tp::<Self, 3>(logits), ids, t2(mask));
+            return Some((fp(loss), fp(lse)));
+        }
+        let (logits, targets, weights) = ce_rows::<R, F, I, BT>(logits, ids, mask);
+        let (loss, lse) = cube_kernels::ce_fwd(logits, targets, weights);
+        Some((fp(tp::<Self, 1>(loss).sum()), lse))
     }
 
     fn adamw_kernel(
@@ -193,12 +240,111 @@ where
         dloss: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         let ids = Tensor::<Self, 2, Int>::from_primitive(ids);
-        fp(tiled::causal_ce_bwd(
-            tp::<Self, 3>(logits),
-            ids,
-            t2(mask),
-            tp(lse),
-            tp(dloss),
-        ))
+        if !cube_kernels_on() {
+            return fp(tiled::causal_ce_bwd(
+                tp::<Self, 3>(logits),
+                ids,
+                t2(mask),
+                tp(lse),
+                tp(dloss),
+            ));
+        }
+        let dims = burn::tensor::TensorMetadata::shape(&logits).dims::<3>();
+        let (logits, targets, weights) = ce_rows::<R, F, I, BT>(logits, ids, mask);
+        let dloss = fp(tp::<Self, 1>(dloss).cast(FloatDType::F32));
+        let grad = cube_kernels::ce_bwd(logits, targets, weights, lse, dloss);
+        fp(tp::<Self, 2>(grad).reshape::<3, _>(dims))
     }
+}
+
+/// The softmax of attention's blocks by the fused CubeCL kernels: one read of the raw scores and
+/// one write of the probabilities forward; one pass writing the probabilities and the scores'
+/// gradient backward (burn ops would take about ten passes over an f32 copy of the block).
+struct FusedSoftmax;
+
+/// A 4-d float tensor of the CubeCL backend.
+type T4<R, F, I, BT> = Tensor<CubeBackend<R, F, I, BT>, 4>;
+
+impl<R, F, I, BT> tiled::BlockSoftmax<CubeBackend<R, F, I, BT>> for FusedSoftmax
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    fn forward(
+        &self,
+        scores: T4<R, F, I, BT>,
+        bl: tiled::Block,
+        sh: &AttentionShape,
+    ) -> (T4<R, F, I, BT>, T4<R, F, I, BT>) {
+        let block = (bl.i0, bl.n, bl.k0);
+        let (p, lse) = cube_kernels::block_softmax_fwd(fp(scores), block, sh.window, sh.scale);
+        (tp(p), tp(lse))
+    }
+
+    fn backward(
+        &self,
+        scores: T4<R, F, I, BT>,
+        dp: T4<R, F, I, BT>,
+        lse: T4<R, F, I, BT>,
+        delta: T4<R, F, I, BT>,
+        bl: tiled::Block,
+        sh: &AttentionShape,
+    ) -> (T4<R, F, I, BT>, T4<R, F, I, BT>) {
+        let block = (bl.i0, bl.n, bl.k0);
+        let [p, ds] = cube_kernels::block_softmax_bwd(
+            fp(scores),
+            fp(dp),
+            fp(lse),
+            fp(delta),
+            block,
+            sh.window,
+            sh.scale,
+        );
+        (tp(p), tp(ds))
+    }
+}
+
+/// Roped query and key heads and value heads (`[b, n, s, hd]`) from token rows, by the fused
+/// layout kernel.
+fn heads<R: CubeRuntime>(
+    q: CubeTensor<R>,
+    k: CubeTensor<R>,
+    v: CubeTensor<R>,
+    cos: &CubeTensor<R>,
+    sin: &CubeTensor<R>,
+    sh: &AttentionShape,
+) -> [CubeTensor<R>; 3] {
+    let (cos, sin) = (into_contiguous(cos.clone()), into_contiguous(sin.clone()));
+    let dims = |n| [sh.batch, n, sh.seq, sh.head_dim];
+    [
+        cube_kernels::to_heads(q, Some((&cos, &sin)), dims(sh.heads)),
+        cube_kernels::to_heads(k, Some((&cos, &sin)), dims(sh.kv_heads)),
+        cube_kernels::to_heads(v, None, dims(sh.kv_heads)),
+    ]
+}
+
+/// The loss's rows: logits `[b·s, vocab]`, each row's target `[b·s]` (int) and weight `[b·s]`
+/// (f32; 0 for the last position of each sequence).
+fn ce_rows<R, F, I, BT>(
+    logits: CubeTensor<R>,
+    ids: Tensor<CubeBackend<R, F, I, BT>, 2, Int>,
+    mask: CubeTensor<R>,
+) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>)
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    type B<R, F, I, BT> = CubeBackend<R, F, I, BT>;
+    let logits = tp::<B<R, F, I, BT>, 3>(logits);
+    let [b, s, vocab] = logits.dims();
+    let (targets, weights) = tiled::ce_targets(ids, tp::<B<R, F, I, BT>, 2>(mask));
+    (
+        fp(logits.reshape([b * s, vocab])),
+        targets.reshape([b * s]).into_primitive(),
+        fp(weights.reshape([b * s])),
+    )
 }

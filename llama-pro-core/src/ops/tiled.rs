@@ -125,48 +125,140 @@ fn block_mask<B: Backend>(
         .reshape([1, 1, rep * n, kl])
 }
 
-/// The inputs of attention in the layout the blocks use: roped queries grouped by their K/V head
-/// `[b, H_kv, rep, s, hd]`, roped keys and values `[b, H_kv, s, hd]`.
-type Heads<B> = (Tensor<B, 5>, Tensor<B, 4>, Tensor<B, 4>);
+/// Token rows `[b·s, n·hd]` → heads `[b, n, s, hd]`, with RoPE when `rotate`.
+fn to_heads<B: Backend>(
+    x: Tensor<B, 2>,
+    n: usize,
+    rope_tables: Option<(&Tensor<B, 2>, &Tensor<B, 2>)>,
+    sh: &AttentionShape,
+) -> Tensor<B, 4> {
+    let x = x
+        .reshape([sh.batch, sh.seq, n, sh.head_dim])
+        .swap_dims(1, 2);
+    match rope_tables {
+        Some((cos, sin)) => rope(x, cos, sin, false),
+        None => x,
+    }
+}
 
-fn heads<B: Backend>(
+/// Roped query and key heads and the value heads of token rows.
+fn qkv_heads<B: Backend>(
     q: Tensor<B, 2>,
     k: Tensor<B, 2>,
     v: Tensor<B, 2>,
     cos: &Tensor<B, 2>,
     sin: &Tensor<B, 2>,
     sh: &AttentionShape,
-) -> Heads<B> {
-    let (b, s, h, kv, hd) = (sh.batch, sh.seq, sh.heads, sh.kv_heads, sh.head_dim);
-    let split = |t: Tensor<B, 2>, n: usize| t.reshape([b, s, n, hd]).swap_dims(1, 2);
-    let q = rope(split(q, h), cos, sin, false).reshape([b, kv, h / kv, s, hd]);
-    let k = rope(split(k, kv), cos, sin, false);
-    (q, k, split(v, kv))
+) -> [Tensor<B, 4>; 3] {
+    let tables = Some((cos, sin));
+    [
+        to_heads(q, sh.heads, tables, sh),
+        to_heads(k, sh.kv_heads, tables, sh),
+        to_heads(v, sh.kv_heads, None, sh),
+    ]
 }
 
-/// `[b, H_kv, rep, s, hd]` (grouped query heads) → `[b·s, H·hd]`.
-fn merge<B: Backend>(x: Tensor<B, 5>, sh: &AttentionShape) -> Tensor<B, 2> {
-    let (b, s, h, hd) = (sh.batch, sh.seq, sh.heads, sh.head_dim);
-    x.reshape([b, h, s, hd])
-        .swap_dims(1, 2)
-        .reshape([b * s, h * hd])
+/// Heads `[b, n, s, hd]` (any dtype) → token rows `[b·s, n·hd]` in `dtype`, through RoPE's
+/// transpose (in f32) when `rope_tables` are given: the inverse layout of [`to_heads`] for the
+/// gradients.
+fn to_tokens<B: Backend>(
+    x: Tensor<B, 4>,
+    rope_tables: Option<(&Tensor<B, 2>, &Tensor<B, 2>)>,
+    dtype: DType,
+) -> Tensor<B, 2> {
+    let [b, n, s, hd] = x.dims();
+    let x = match rope_tables {
+        Some((cos, sin)) => rope(f32(x), &f32(cos.clone()), &f32(sin.clone()), true),
+        None => x,
+    };
+    to(x.swap_dims(1, 2).reshape([b * s, n * hd]), dtype)
 }
 
-/// The scores of one query block against its keys, masked, in f32: `[b, H_kv, rep·n, kl]`.
-fn block_scores<B: Backend>(
-    qb: Tensor<B, 4>,
-    kb: Tensor<B, 4>,
-    (i0, n, k0): (usize, usize, usize),
-    sh: &AttentionShape,
-) -> Tensor<B, 4> {
-    let kl = kb.dims()[2];
-    let rep = sh.heads / sh.kv_heads;
-    let device = qb.device();
-    let scores = f32(qb.matmul(kb.swap_dims(2, 3))) * sh.scale;
-    scores.mask_fill(
-        block_mask::<B>(i0, n, rep, k0, kl, sh.window, &device),
-        f32::NEG_INFINITY,
-    )
+/// One query block of attention: query rows `i0..i0+n` (each repeated for the `rep` query heads
+/// of a K/V group, stacked as `rep·n` rows) against keys `k0..k0+kl`.
+#[derive(Debug, Clone, Copy)]
+pub struct Block {
+    /// First query position.
+    pub i0: usize,
+    /// Query positions.
+    pub n: usize,
+    /// First key position.
+    pub k0: usize,
+    /// Key positions (`i0 + n − k0`).
+    pub kl: usize,
+}
+
+/// The softmax part of a block of attention, between the backend's matmuls: from the raw scores
+/// `q·kᵀ` (`[b, H_kv, rep·n, kl]`, the inputs' dtype) to the probabilities, and back. Scaling and
+/// the causal / sliding-window mask are applied here. [`Composed`] does it in burn ops; the GPU
+/// backends use a fused CubeCL kernel (`cube_kernels.rs`).
+pub trait BlockSoftmax<B: Backend> {
+    /// The probabilities (the scores' dtype) and each row's log-sum-exp (`[.., rep·n, 1]`, f32).
+    fn forward(
+        &self,
+        scores: Tensor<B, 4>,
+        block: Block,
+        sh: &AttentionShape,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>);
+
+    /// The probabilities recomputed from the scores and the saved log-sum-exp, and the scores'
+    /// gradient `dS = P ⊙ (dP − D)·scale` (both in the scores' dtype), from `dp = dO·vᵀ` and
+    /// each row's `D = Σ dO ⊙ O` (`[.., rep·n, 1]`, f32).
+    fn backward(
+        &self,
+        scores: Tensor<B, 4>,
+        dp: Tensor<B, 4>,
+        lse: Tensor<B, 4>,
+        delta: Tensor<B, 4>,
+        block: Block,
+        sh: &AttentionShape,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>);
+}
+
+/// [`BlockSoftmax`] in burn ops, the softmax and its gradient in f32.
+pub struct Composed;
+
+impl Composed {
+    /// The scores scaled and masked, in f32.
+    fn masked<B: Backend>(scores: Tensor<B, 4>, bl: Block, sh: &AttentionShape) -> Tensor<B, 4> {
+        let rep = sh.heads / sh.kv_heads;
+        let device = scores.device();
+        (f32(scores) * sh.scale).mask_fill(
+            block_mask::<B>(bl.i0, bl.n, rep, bl.k0, bl.kl, sh.window, &device),
+            f32::NEG_INFINITY,
+        )
+    }
+}
+
+impl<B: Backend> BlockSoftmax<B> for Composed {
+    fn forward(
+        &self,
+        scores: Tensor<B, 4>,
+        block: Block,
+        sh: &AttentionShape,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let dtype = scores.dtype();
+        let scores = Self::masked(scores, block, sh);
+        let max = scores.clone().max_dim(3);
+        let p = (scores - max.clone()).exp();
+        let sum = p.clone().sum_dim(3);
+        (to(p / sum.clone(), dtype), max + sum.log())
+    }
+
+    fn backward(
+        &self,
+        scores: Tensor<B, 4>,
+        dp: Tensor<B, 4>,
+        lse: Tensor<B, 4>,
+        delta: Tensor<B, 4>,
+        block: Block,
+        sh: &AttentionShape,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let dtype = scores.dtype();
+        let p = (Self::masked(scores, block, sh) - lse).exp();
+        let ds = to(p.clone() * (f32(dp) - delta) * sh.scale, dtype);
+        (to(p, dtype), ds)
+    }
 }
 
 /// Forward of causal attention with RoPE and grouped K/V heads (see [`super::attention`]):
@@ -179,10 +271,25 @@ pub fn attention_fwd<B: Backend>(
     sin: Tensor<B, 2>,
     sh: AttentionShape,
 ) -> (Tensor<B, 2>, Tensor<B, 3>) {
+    let dtype = q.dtype();
+    let [q, k, v] = qkv_heads(q, k, v, &cos, &sin, &sh);
+    let (out, lse) = attention_fwd_heads(q, k, v, sh, &Composed);
+    (to_tokens(out, None, dtype), lse)
+}
+
+/// [`attention_fwd`] on inputs already in head layout: roped queries `[b, H, s, hd]`, roped keys
+/// and values `[b, H_kv, s, hd]`. Returns the output `[b, H, s, hd]` and the log-sum-exp
+/// `[b, H, s]` (f32).
+pub fn attention_fwd_heads<B: Backend>(
+    q: Tensor<B, 4>,
+    kh: Tensor<B, 4>,
+    vh: Tensor<B, 4>,
+    sh: AttentionShape,
+    softmax: &dyn BlockSoftmax<B>,
+) -> (Tensor<B, 4>, Tensor<B, 3>) {
     let (b, s, h, kv, hd) = (sh.batch, sh.seq, sh.heads, sh.kv_heads, sh.head_dim);
     let rep = h / kv;
-    let dtype = q.dtype();
-    let (qg, kh, vh) = heads(q, k, v, &cos, &sin, &sh);
+    let qg = q.reshape([b, kv, rep, s, hd]);
     let step = block_rows(s, b * h, s);
     let (mut outs, mut lses) = (Vec::new(), Vec::new());
     for i0 in (0..s).step_by(step) {
@@ -190,15 +297,13 @@ pub fn attention_fwd<B: Backend>(
         let k0 = key_start(i0, sh.window);
         let kl = i0 + n - k0;
         let qb = qg.clone().narrow(3, i0, n).reshape([b, kv, rep * n, hd]);
-        let scores = block_scores(qb, kh.clone().narrow(2, k0, kl), (i0, n, k0), &sh);
-        let max = scores.clone().max_dim(3);
-        let p = (scores - max.clone()).exp();
-        let sum = p.clone().sum_dim(3);
-        let out = to(p / sum.clone(), dtype).matmul(vh.clone().narrow(2, k0, kl));
+        let scores = qb.matmul(kh.clone().narrow(2, k0, kl).swap_dims(2, 3));
+        let (p, lse) = softmax.forward(scores, Block { i0, n, k0, kl }, &sh);
+        let out = p.matmul(vh.clone().narrow(2, k0, kl));
         outs.push(out.reshape([b, kv, rep, n, hd]));
-        lses.push((max + sum.log()).reshape([b, kv, rep, n]));
+        lses.push(lse.reshape([b, kv, rep, n]));
     }
-    let out = merge(Tensor::cat(outs, 3), &sh);
+    let out = Tensor::cat(outs, 3).reshape([b, h, s, hd]);
     (out, Tensor::cat(lses, 3).reshape([b, h, s]))
 }
 
@@ -216,17 +321,45 @@ pub fn attention_bwd<B: Backend>(
     dout: Tensor<B, 2>,
     sh: AttentionShape,
 ) -> [Tensor<B, 2>; 3] {
+    let dtype = q.dtype();
+    let tables = Some((&cos, &sin));
+    let [q, k, v] = qkv_heads(q, k, v, &cos, &sin, &sh);
+    let [dq, dk, dv] = attention_bwd_heads(
+        q,
+        k,
+        v,
+        to_heads(out, sh.heads, None, &sh),
+        to_heads(to(dout, dtype), sh.heads, None, &sh),
+        lse,
+        sh,
+        &Composed,
+    );
+    [
+        to_tokens(dq, tables, dtype),
+        to_tokens(dk, tables, dtype),
+        to_tokens(dv, None, dtype),
+    ]
+}
+
+/// [`attention_bwd`] in head layout (inputs as in [`attention_fwd_heads`], the output and its
+/// gradient `[b, H, s, hd]`): the gradients of the roped queries `[b, H, s, hd]` (q's dtype),
+/// roped keys and values `[b, H_kv, s, hd]` (f32), before RoPE's transpose.
+pub fn attention_bwd_heads<B: Backend>(
+    q: Tensor<B, 4>,
+    kh: Tensor<B, 4>,
+    vh: Tensor<B, 4>,
+    out: Tensor<B, 4>,
+    dout: Tensor<B, 4>,
+    lse: Tensor<B, 3>,
+    sh: AttentionShape,
+    softmax: &dyn BlockSoftmax<B>,
+) -> [Tensor<B, 4>; 3] {
     let (b, s, h, kv, hd) = (sh.batch, sh.seq, sh.heads, sh.kv_heads, sh.head_dim);
     let rep = h / kv;
-    let dtype = q.dtype();
     let device = q.device();
-    let (qg, kh, vh) = heads(q, k, v, &cos, &sin, &sh);
-    let grouped = |t: Tensor<B, 2>| {
-        t.reshape([b, s, h, hd])
-            .swap_dims(1, 2)
-            .reshape([b, kv, rep, s, hd])
-    };
-    let dog = grouped(to(dout, dtype));
+    let grouped = |t: Tensor<B, 4>| t.reshape([b, kv, rep, s, hd]);
+    let qg = grouped(q);
+    let dog = grouped(dout);
     // D_i = Σ_d dO_id · O_id: the softmax backward's row term.
     let delta = (f32(dog.clone()) * f32(grouped(out))).sum_dim(4); // [b, kv, rep, s, 1]
     let lse = lse.reshape([b, kv, rep, s, 1]);
@@ -244,10 +377,10 @@ pub fn attention_bwd<B: Backend>(
         let lb = lse.clone().narrow(3, i0, n).reshape([b, kv, rep * n, 1]);
         let db = delta.clone().narrow(3, i0, n).reshape([b, kv, rep * n, 1]);
         let (kb, vb) = (kh.clone().narrow(2, k0, kl), vh.clone().narrow(2, k0, kl));
-        let p = (block_scores(qb.clone(), kb.clone(), (i0, n, k0), &sh) - lb).exp();
-        let dp = f32(dob.clone().matmul(vb.clone().swap_dims(2, 3)));
-        let ds = to(p.clone() * (dp - db) * sh.scale, dtype);
-        let dv_b = to(p, dtype).swap_dims(2, 3).matmul(dob);
+        let scores = qb.clone().matmul(kb.clone().swap_dims(2, 3));
+        let dp = dob.clone().matmul(vb.swap_dims(2, 3));
+        let (p, ds) = softmax.backward(scores, dp, lb, db, Block { i0, n, k0, kl }, &sh);
+        let dv_b = p.swap_dims(2, 3).matmul(dob);
         let dk_b = ds.clone().swap_dims(2, 3).matmul(qb);
         dqs.push(ds.matmul(kb).reshape([b, kv, rep, n, hd]));
         // Accumulate into the keys' rows; the sum is taken before the assignment so that `dk`/`dv`
@@ -259,15 +392,12 @@ pub fn attention_bwd<B: Backend>(
         dv = dv.slice_assign(range, dv_sum);
     }
     let dq = Tensor::cat(dqs, 3).reshape([b, h, s, hd]);
-    let dq = rope(f32(dq), &f32(cos.clone()), &f32(sin.clone()), true);
-    let dk = rope(dk, &f32(cos), &f32(sin), true);
-    let tokens = |t: Tensor<B, 4>, n: usize| to(t.swap_dims(1, 2).reshape([b * s, n * hd]), dtype);
-    [tokens(dq, h), tokens(dk, kv), tokens(dv, kv)]
+    [dq, dk, dv]
 }
 
 /// Per-row targets and weights of the causal-LM loss over all `b·s` rows: row `t` predicts
 /// token `t+1` with weight `weights[t]`; the last row of each sequence has weight 0.
-fn ce_targets<B: Backend>(
+pub(super) fn ce_targets<B: Backend>(
     ids: Tensor<B, 2, Int>,
     mask: Tensor<B, 2>,
 ) -> (Tensor<B, 2, Int>, Tensor<B, 2>) {
