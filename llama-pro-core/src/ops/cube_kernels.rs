@@ -725,6 +725,8 @@ struct BlockArgs {
 }
 
 /// Whether query position `i` sees key position `j` (causal, sliding window).
+// Nested `if`s: a branch in the kernel, not a short-circuit `&&` the kernel compiler would lower.
+#[allow(clippy::collapsible_if)]
 #[cube]
 fn visible(i: usize, j: usize, window: usize) -> bool {
     let mut seen = j <= i;

@@ -344,6 +344,7 @@ pub fn attention_bwd<B: Backend>(
 /// [`attention_bwd`] in head layout (inputs as in [`attention_fwd_heads`], the output and its
 /// gradient `[b, H, s, hd]`): the gradients of the roped queries `[b, H, s, hd]` (q's dtype),
 /// roped keys and values `[b, H_kv, s, hd]` (f32), before RoPE's transpose.
+#[allow(clippy::too_many_arguments)]
 pub fn attention_bwd_heads<B: Backend>(
     q: Tensor<B, 4>,
     kh: Tensor<B, 4>,
