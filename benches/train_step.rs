@@ -28,7 +28,7 @@ use llama_pro::core::LlamaConfig;
 use llama_pro::core::expand::{ExpansionPlan, expand_model};
 use llama_pro::core::freeze::{Selection, set_trainable};
 use llama_pro::core::generate::{GenerationConfig, generate};
-use llama_pro::core::model::{LlamaForCausalLM, causal_lm_loss_sum};
+use llama_pro::core::model::LlamaForCausalLM;
 use llama_pro::train::optim::FusedAdamW;
 
 type B = Autodiff<Flex>;
@@ -104,8 +104,7 @@ fn bench(c: &mut Criterion) {
             g.bench_function(name, |bch| {
                 bch.iter(|| {
                     let cur = m.take().unwrap();
-                    let (s, n) =
-                        causal_lm_loss_sum(cur.forward(ids.clone()), ids.clone(), mask.clone());
+                    let (s, n) = cur.loss_sum(ids.clone(), mask.clone());
                     let grads = GradientsParams::from_grads((s / n).backward(), &cur);
                     m = Some(optim.step(1e-4, cur, grads));
                 })
@@ -119,8 +118,7 @@ fn bench(c: &mut Criterion) {
         g.sample_size(10).throughput(Throughput::Elements(tokens));
         g.bench_function("loss", |bch| {
             bch.iter(|| {
-                let (s, n) =
-                    causal_lm_loss_sum(inner.forward(ids_i.clone()), ids_i.clone(), mask_i.clone());
+                let (s, n) = inner.loss_sum(ids_i.clone(), mask_i.clone());
                 std::hint::black_box((s / n).into_scalar())
             })
         });

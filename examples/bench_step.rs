@@ -23,7 +23,7 @@ use llama_pro::core::burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use llama_pro::core::expand::{ExpansionPlan, expand_model};
 use llama_pro::core::freeze::{Selection, set_trainable};
 use llama_pro::core::generate::{GenerationConfig, generate};
-use llama_pro::core::model::{LlamaForCausalLM, causal_lm_loss_sum};
+use llama_pro::core::model::LlamaForCausalLM;
 use llama_pro::train::optim::FusedAdamW;
 
 use llama_pro::core::burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
@@ -151,14 +151,10 @@ fn bench<B: llama_pro::core::burn::tensor::backend::AutodiffBackend>(
             loss_last = f32::NAN;
         } else if mode == "forward" {
             let inner = model.valid();
-            let (s, c) = causal_lm_loss_sum(
-                inner.forward(ids.clone().inner()),
-                ids.clone().inner(),
-                mask.clone().inner(),
-            );
+            let (s, c) = inner.loss_sum(ids.clone().inner(), mask.clone().inner());
             loss_last = (s / c).into_scalar().elem::<f32>();
         } else {
-            let (s, c) = causal_lm_loss_sum(model.forward(ids.clone()), ids.clone(), mask.clone());
+            let (s, c) = model.loss_sum(ids.clone(), mask.clone());
             let loss = s / c;
             let t_fwd = t.elapsed().as_secs_f64();
             let grads = GradientsParams::from_grads(loss.backward(), &model);

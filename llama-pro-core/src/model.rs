@@ -432,6 +432,99 @@ impl<B: Backend> LlamaForCausalLM<B> {
         self.head(h)
     }
 
+    /// Sum of the causal-LM loss of `input_ids` weighted per position (see
+    /// [`causal_lm_loss_weighted`]: position `t` predicts token `t+1` with weight `weights[t]`)
+    /// and the sum of the weights, computed from the final hidden states by
+    /// [`ops::causal_head_ce_weighted`]: on a backend with kernels the `[tokens, vocab]` logits
+    /// never exist whole (the head and the loss run over chunks of rows, and a training step's
+    /// head gradients are computed along). Equals `causal_lm_loss_weighted(forward_packed(..))`
+    /// up to rounding; evaluation calls it, training calls [`Self::loss_scaled`].
+    ///
+    /// # Shapes
+    /// - input_ids, weights: `[batch, seq]` (`seq` = `packing.seq()` when packed)
+    /// - outputs: `[1]` each
+    pub fn loss_weighted(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        packing: Option<&Packing>,
+        weights: Tensor<B, 2>,
+    ) -> (Tensor<B, 1>, Tensor<B, 1>) {
+        let count = weight_sum(weights.clone());
+        (self.head_loss(input_ids, packing, weights), count)
+    }
+
+    /// `scale ×` the weighted loss sum of [`Self::loss_weighted`], what a training step
+    /// differentiates: with `scale = 1 / (targets × accumulation steps)` it is the mean loss's
+    /// share of the step, and the scale rides on the weights (in f32, where the loss kernel
+    /// applies them), so `backward()` on it starts from exactly 1 and the fused head's
+    /// gradients are used as computed, with no rescaling rounding.
+    ///
+    /// # Shapes
+    /// - input_ids, weights: `[batch, seq]`
+    /// - output: `[1]`
+    pub fn loss_scaled(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        packing: Option<&Packing>,
+        weights: Tensor<B, 2>,
+        scale: f64,
+    ) -> Tensor<B, 1> {
+        let weights = weights
+            .cast(burn::tensor::FloatDType::F32)
+            .mul_scalar(scale);
+        self.head_loss(input_ids, packing, weights)
+    }
+
+    /// The weighted loss sum from the final hidden states (see [`Self::loss_weighted`]).
+    fn head_loss(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        packing: Option<&Packing>,
+        weights: Tensor<B, 2>,
+    ) -> Tensor<B, 1> {
+        let packing = packing.filter(|p| !p.is_trivial());
+        if let Some(p) = packing {
+            let [b, s] = input_ids.dims();
+            assert_eq!(
+                (b, s),
+                (p.rows().len(), p.seq()),
+                "packing describes {} rows of {} positions, the batch is [{b}, {s}]",
+                p.rows().len(),
+                p.seq()
+            );
+        }
+        let (h, _) = self.hidden_with(input_ids.clone(), None, false, packing);
+        match self.head_weight(h.dtype()) {
+            Some(w) => ops::causal_head_ce_weighted(h, w, input_ids, weights),
+            None => ops::causal_ce_weighted(self.head(h), input_ids, weights),
+        }
+    }
+
+    /// [`Self::loss_weighted`] with a padding mask (1 for real tokens): position `t` counts when
+    /// it and `t+1` are real tokens, as [`causal_lm_loss_sum`]. Returns `(sum, count)`.
+    pub fn loss_sum(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        mask: Tensor<B, 2>,
+    ) -> (Tensor<B, 1>, Tensor<B, 1>) {
+        self.loss_weighted(input_ids, None, ops::pair_weights(mask))
+    }
+
+    /// The head's weight `[vocab, hidden]` in `dtype` when the head is a plain matrix (tied:
+    /// the embeddings), `None` when it has a bias or an adapter.
+    fn head_weight(&self, dtype: burn::tensor::DType) -> Option<Tensor<B, 2>> {
+        let w = match &self.lm_head {
+            Some(head) if head.bias.is_some() || head.lora_a.is_some() => return None,
+            Some(head) => head.weight.val(),
+            None => self.model.embed_tokens.weight.val(),
+        };
+        Some(if w.dtype() == dtype {
+            w
+        } else {
+            w.cast(burn::tensor::FloatDType::from(dtype))
+        })
+    }
+
     /// Logits plus every block's output (for parity tests against transformers).
     pub fn forward_with_hidden(&self, input_ids: Tensor<B, 2, Int>) -> ForwardOutput<B> {
         let (h, layer_outputs) = self.hidden(input_ids, None, true);
@@ -615,13 +708,17 @@ pub fn causal_lm_loss_weighted<B: Backend>(
     input_ids: Tensor<B, 2, Int>,
     weights: Tensor<B, 2>,
 ) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    let count = weight_sum(weights.clone());
+    (ops::causal_ce_weighted(logits, input_ids, weights), count)
+}
+
+/// The sum of the loss weights `[batch, seq]` that count (the last column has no target), f32.
+fn weight_sum<B: Backend>(weights: Tensor<B, 2>) -> Tensor<B, 1> {
     let [_, s] = weights.dims();
-    let count = weights
-        .clone()
+    weights
         .narrow(1, 0, s - 1)
         .cast(burn::tensor::FloatDType::F32)
-        .sum();
-    (ops::causal_ce_weighted(logits, input_ids, weights), count)
+        .sum()
 }
 
 impl<B: burn::tensor::backend::AutodiffBackend> LlamaForCausalLM<B> {

@@ -3,7 +3,7 @@
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 use llama_pro_core::attention::Packing;
 use llama_pro_core::burn;
-use llama_pro_core::model::{LlamaForCausalLM, causal_lm_loss_weighted};
+use llama_pro_core::model::LlamaForCausalLM;
 
 use crate::dataset::Example;
 use crate::error::{Result, TrainError};
@@ -26,7 +26,7 @@ pub struct Batch<B: Backend> {
     /// Token ids, right-padded: `[batch, longest]`.
     pub ids: Tensor<B, 2, Int>,
     /// Loss weight of position `t` predicting token `t+1`: `[batch, longest]` (see
-    /// [`causal_lm_loss_weighted`]).
+    /// `causal_lm_loss_weighted`).
     pub weights: Tensor<B, 2>,
     /// The documents of each row, when any row holds several.
     pub packing: Option<Packing>,
@@ -142,8 +142,7 @@ pub fn loss_sum_shard<B: Backend>(
             continue;
         }
         let b = batch_examples::<B>(&batch, device);
-        let logits = model.forward_packed(b.ids.clone(), b.packing.as_ref());
-        let (s, c) = causal_lm_loss_weighted(logits, b.ids, b.weights);
+        let (s, c) = model.loss_weighted(b.ids, b.packing.as_ref(), b.weights);
         sum += scalar(s)?;
         count += scalar(c)?;
         on_batch(done);

@@ -33,10 +33,13 @@
 //!   (less memory). With the fused kernels there is nothing to recompute (they keep their own
 //!   state) while the reshapes after each kernel still keep its output: checkpointing *adds*
 //!   about 2–4 `[tokens, hidden]` buffers per block. The plan says so rather than pretend.
-//! - **logits and loss**: `[tokens, vocab]` logits in the activation dtype. The fused loss keeps
-//!   them plus a row log-sum-exp (f32) and writes the gradient over them (CPU and CubeCL kernels); the
-//!   composed loss (burn's f32 log-softmax) keeps the shifted f32 logits and has about three f32
-//!   `[tokens, vocab]` tensors live at its peak.
+//! - **LM head and loss**: with kernels (CPU and CubeCL) they run fused over chunks of rows
+//!   (`ops::causal_head_ce_weighted`): one chunk of logits (≤ 2²⁶ elements) and its f32
+//!   log-sum-exp at a time, the gradient written over it; the forward computes the head's
+//!   gradients along and keeps `dh` `[tokens, hidden]` (and the head weight's gradient when it
+//!   trains). Composed (burn's f32 log-softmax), the whole `[tokens, vocab]` logits in the
+//!   activation dtype, the shifted f32 logits kept, and about three f32 `[tokens, vocab]`
+//!   tensors live at the loss's peak.
 //! - **transients**: one block's backward working set, the optimizer update (the fused AdamW
 //!   writes a new parameter and moments before the old ones are freed), and an allowance for the
 //!   framework and allocator.
@@ -611,11 +614,10 @@ impl MemoryPlan {
                 head_act += sh.td(); // the norm's output, kept by its reshape
             }
         }
-        if head_w_trains {
-            head_act += sh.td(); // lm_head keeps its input
+        if head_w_trains && composed {
+            head_act += sh.td(); // lm_head keeps its input (the fused loss does not)
         }
         let tv = sh.t * sh.vocab;
-        let logits = tv * e;
         // The peak of the loss forward (what it keeps and its transients), and of the loss
         // backward (until the head's input gradient).
         let (loss_fwd_peak, loss_bwd_peak, loss_note) = if composed {
@@ -636,15 +638,40 @@ impl MemoryPlan {
                 ),
             )
         } else {
-            // Kernel: logits plus one f32 log-sum-exp per row; the gradient overwrites the
-            // logits in place (CPU and CubeCL kernels), then the head computes its input's
-            // gradient.
+            // Kernels: the head and the loss fused over chunks of rows
+            // (`ops::causal_head_ce_weighted`): one chunk of logits (and its f32 log-sum-exp) at
+            // a time, the gradient written over it; the forward already computes the head's
+            // gradients (the loss is the last operation) and keeps `dh` `[tokens, hidden]` and,
+            // when the head's weight trains, its gradient in the compute dtype (summed in f32
+            // over the chunks). The chunks' `dh` are concatenated at the end (twice `dh` for a
+            // moment). Backward only rescales them by the upstream gradient, in f32.
+            let rows =
+                llama_pro_core::ops::tiled::block_rows(sh.t as usize, 1, sh.vocab as usize) as u64;
+            let chunk = rows * sh.vocab * e + rows * 4;
+            let vd = sh.vocab * sh.d;
+            let dw_keep = if head_w_trains { vd * e } else { 0 };
+            // f32 sum, the chunk's gradient and its f32 cast.
+            let dw_work = if head_w_trains {
+                2 * vd * 4 + vd * e
+            } else {
+                0
+            };
+            let fwd = (sh.td() + chunk + dw_work)
+                .max(2 * sh.td() + if head_w_trains { vd * 4 } else { 0 })
+                .max(sh.td() + if head_w_trains { vd * 4 + vd * e } else { 0 });
+            let rescale = sh.td32() + if head_w_trains { vd * 4 } else { 0 };
             (
-                logits + sh.stat(),
-                logits + sh.stat() + sh.td(),
+                fwd,
+                sh.td() + dw_keep + rescale,
                 format!(
-                    "[{} x {}] logits ({}) + f32 row log-sum-exp; the loss kernel writes the gradient over the logits",
-                    sh.t, sh.vocab, inputs.dtype
+                    "head fused with the loss over chunks of {rows} rows: [{rows} x {}] logits ({}) at a time; keeps the head's input gradient{}",
+                    sh.vocab,
+                    inputs.dtype,
+                    if head_w_trains {
+                        " and its weight's"
+                    } else {
+                        ""
+                    }
                 ),
             )
         };
@@ -1382,7 +1409,7 @@ fn measure_inner<B: AutodiffBackend>(
 ) -> Result<MeasuredPeak> {
     use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
     use burn::tensor::{Int, Tensor, TensorData};
-    use llama_pro_core::model::{LlamaForCausalLM, causal_lm_loss_sum};
+    use llama_pro_core::model::LlamaForCausalLM;
 
     let status = |key: &str| -> Result<u64> {
         let text = std::fs::read_to_string("/proc/self/status")
@@ -1430,8 +1457,7 @@ fn measure_inner<B: AutodiffBackend>(
     for _ in 0..steps {
         let mut acc = GradientsAccumulator::<LlamaForCausalLM<B>>::new();
         for _ in 0..inputs.grad_accum {
-            let (sum, n) =
-                causal_lm_loss_sum(model.forward(ids.clone()), ids.clone(), mask.clone());
+            let (sum, n) = model.loss_sum(ids.clone(), mask.clone());
             let loss = sum / n;
             phases[0] = phases[0].max(phase_peak()?);
             let grads = (loss / inputs.grad_accum as f64).backward();

@@ -20,7 +20,7 @@ use llama_pro::core::device::{DeviceSpec, OnAutodiffBackend, dispatch_autodiff_w
 use llama_pro::core::expand::{ExpansionPlan, expand_model};
 use llama_pro::core::freeze::{Selection, set_trainable};
 use llama_pro::core::generate::{GenerationConfig, generate};
-use llama_pro::core::model::{LlamaForCausalLM, causal_lm_loss_sum};
+use llama_pro::core::model::LlamaForCausalLM;
 use llama_pro::core::weights::{Init, WeightSource};
 use llama_pro::core::{DType, LlamaConfig, RopeScaling};
 use llama_pro::train::optim::FusedAdamW;
@@ -412,7 +412,7 @@ fn bench<B: AutodiffBackend>(
         let mut optim = FusedAdamW::new(0.9, 0.95, 1e-8, 0.1).init::<B, LlamaForCausalLM<B>>();
         for i in 0..a.warmup + a.steps {
             let t = Instant::now();
-            let (s, c) = causal_lm_loss_sum(model.forward(ids.clone()), ids.clone(), mask.clone());
+            let (s, c) = model.loss_sum(ids.clone(), mask.clone());
             let loss = s / c;
             sync::<B>(&device)?;
             let t_fwd = t.elapsed().as_secs_f64();
@@ -466,8 +466,7 @@ fn bench<B: AutodiffBackend>(
                     bail!("generated {} tokens, expected {}", out.len(), a.gen_tokens);
                 }
             } else {
-                let (s, c) =
-                    causal_lm_loss_sum(inner.forward(ids.clone()), ids.clone(), mask.clone());
+                let (s, c) = inner.loss_sum(ids.clone(), mask.clone());
                 let l = (s / c).into_scalar().elem::<f64>();
                 if i == 0 {
                     loss_first = l;

@@ -12,7 +12,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::tensor::FloatDType;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
-use llama_pro::core::ops::{self, AttentionShape, without_kernels};
+use llama_pro::core::ops::{self, AttentionShape, tiled, without_kernels};
 use llama_pro::core::rope::RotaryEmbedding;
 use llama_pro::core::{DType, LlamaConfig};
 
@@ -259,6 +259,34 @@ fn op_suite<B: AutodiffBackend>(dev: &B::Device, tol: f32) {
         },
         tol,
     );
+
+    // The LM head fused with the loss, over chunks of 16 rows (6 chunks, a ragged last one):
+    // gradients of the hidden states and of a trainable head; then a frozen head (the LLaMA Pro
+    // case), where only the hidden states' gradient is computed.
+    let d = 24;
+    let h = leaf_on::<B, 2>([b * s, d], 12, 2.0, dev);
+    let head = leaf_on::<B, 2>([v, d], 13, 0.5, dev);
+    let weights = ops::pair_weights(mask.clone());
+    let fused = |h: Tensor<B, 2>, w: Tensor<B, 2>| {
+        let h = h.reshape([b, s, d]);
+        tiled::with_block_rows(16, || {
+            ops::causal_head_ce_weighted(h, w, ids.clone(), weights.clone())
+        })
+    };
+    used_kernel(|| fused(h.clone(), head.clone()));
+    check(
+        "LM head + cross-entropy",
+        &[h.clone(), head.clone()],
+        &|t| fused(t[0].clone(), t[1].clone()),
+        tol,
+    );
+    let frozen = Tensor::<B, 2>::from_data(head.to_data(), dev);
+    check(
+        "LM head (frozen) + cross-entropy",
+        &[h],
+        &|t| fused(t[0].clone(), frozen.clone()),
+        tol,
+    );
 }
 
 #[test]
@@ -496,6 +524,15 @@ fn lowp_suite<B: AutodiffBackend>(dev: &B::Device, dtype: FloatDType, tol: f32) 
     check_low("causal cross-entropy, logits owned", &[logits], &|t, _| {
         let logits = (t[0].clone() * 0.5).reshape([b, s, v]);
         ops::causal_ce(logits, ids.clone(), mask.clone()).reshape([1, 1])
+    });
+    let d = 24;
+    let h = leaf_on::<B, 2>([b * s, d], 12, 2.0, dev);
+    let head = leaf_on::<B, 2>([v, d], 13, 0.5, dev);
+    let weights = ops::pair_weights(mask.clone());
+    check_low("LM head + cross-entropy", &[h, head], &|t, _| {
+        let h = t[0].clone().reshape([b, s, d]);
+        let loss = ops::causal_head_ce_weighted(h, t[1].clone(), ids.clone(), weights.clone());
+        loss.reshape([1, 1])
     });
 }
 

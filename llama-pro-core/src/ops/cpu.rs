@@ -984,20 +984,20 @@ impl KernelBackend for Flex {
         ])
     }
 
-    fn causal_ce_kernel(
+    fn ce_kernel(
         logits: FlexTensor,
-        ids: FlexTensor,
-        mask: FlexTensor,
+        targets: FlexTensor,
+        weights: FlexTensor,
     ) -> Option<(FlexTensor, FlexTensor)> {
-        if !is_f32(&[&logits, &mask]) {
+        if !is_f32(&[&logits, &weights]) {
             return None;
         }
-        let (logits, mask) = (contig(logits), contig(mask));
-        let [b, s, v]: [usize; 3] = dims(&logits)[..].try_into().ok()?;
-        let ids = int_values(ids);
-        let (lv, mv) = (vals(&logits), vals(&mask));
-        let mut lse = vec![0f32; b * s];
-        let rows = rows_per_chunk(b * s);
+        let (logits, weights) = (contig(logits), contig(weights));
+        let [n, v]: [usize; 2] = dims(&logits)[..].try_into().ok()?;
+        let targets = int_values(targets);
+        let (lv, wv) = (vals(&logits), vals(&weights));
+        let mut lse = vec![0f32; n];
+        let rows = rows_per_chunk(n);
         let loss: f64 = lse
             .par_chunks_mut(rows)
             .enumerate()
@@ -1005,34 +1005,34 @@ impl KernelBackend for Flex {
                 let mut loss = 0f64;
                 for (r, l) in lc.iter_mut().enumerate() {
                     let row = c * rows + r;
-                    let w = pair_weight(mv, row, s);
+                    let w = wv[row];
                     if w == 0.0 {
                         continue;
                     }
                     let x = &lv[row * v..][..v];
                     *l = lse_row(x);
-                    loss += (w * (*l - x[target_of(&ids, row, v)])) as f64;
+                    loss += (w * (*l - x[target_of(&targets, row, v)])) as f64;
                 }
                 loss
             })
             .sum();
-        Some((tensor(vec![loss as f32], vec![1]), tensor(lse, vec![b * s])))
+        Some((tensor(vec![loss as f32], vec![1]), tensor(lse, vec![n])))
     }
 
-    fn causal_ce_backward_kernel(
+    fn ce_backward_kernel(
         logits: FlexTensor,
-        ids: FlexTensor,
-        mask: FlexTensor,
+        targets: FlexTensor,
+        weights: FlexTensor,
         lse: FlexTensor,
         dloss: FlexTensor,
     ) -> FlexTensor {
-        let (mut logits, mask, lse, dloss) =
-            (contig(logits), contig(mask), contig(lse), contig(dloss));
+        let (mut logits, weights, lse, dloss) =
+            (contig(logits), contig(weights), contig(lse), contig(dloss));
         let shape = dims(&logits);
-        let (s, v) = (shape[1], shape[2]);
-        let ids = int_values(ids);
-        let (mv, lsev, g) = (vals(&mask), vals(&lse), vals(&dloss)[0]);
-        let weight = |row: usize| pair_weight(mv, row, s) * g;
+        let v = shape[1];
+        let targets = int_values(targets);
+        let (wv, lsev, g) = (vals(&weights), vals(&lse), vals(&dloss)[0]);
+        let weight = |row: usize| wv[row] * g;
         // The logits are usually referenced only by this backward step: overwrite them with
         // their gradient instead of allocating another `[tokens, vocab]` buffer (the largest
         // activation of a small model: 32 MiB for the M benchmark).
@@ -1048,7 +1048,7 @@ impl KernelBackend for Flex {
                     xr.fill(0.0);
                 } else {
                     softmax_scaled_in_place(xr, lsev[row], w);
-                    xr[target_of(&ids, row, v)] -= w;
+                    xr[target_of(&targets, row, v)] -= w;
                 }
             });
             return logits;
@@ -1059,22 +1059,16 @@ impl KernelBackend for Flex {
             let w = weight(row);
             if w != 0.0 {
                 softmax_scaled_row(&lv[row * v..][..v], lsev[row], w, dr);
-                dr[target_of(&ids, row, v)] -= w;
+                dr[target_of(&targets, row, v)] -= w;
             }
         });
         tensor(d, shape)
     }
 }
 
-/// Weight of row `row` (position `t` of its sequence) in the causal-LM loss: `weights[t]`,
-/// and 0 for the last position (it has no target).
-fn pair_weight(weights: &[f32], row: usize, s: usize) -> f32 {
-    if row % s == s - 1 { 0.0 } else { weights[row] }
-}
-
-/// The token position `row` predicts (the next one in its sequence).
-fn target_of(ids: &[i64], row: usize, vocab: usize) -> usize {
-    let t = ids[row + 1];
+/// The token row `row` predicts (its target).
+fn target_of(targets: &[i64], row: usize, vocab: usize) -> usize {
+    let t = targets[row];
     assert!(
         (0..vocab as i64).contains(&t),
         "token id {t} outside the vocabulary (0..{vocab})"

@@ -206,17 +206,16 @@ where
         ]
     }
 
-    fn causal_ce_kernel(
+    fn ce_kernel(
         logits: FloatTensor<Self>,
-        ids: IntTensor<Self>,
-        mask: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        weights: FloatTensor<Self>,
     ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
-        let ids = Tensor::<Self, 2, Int>::from_primitive(ids);
         if !cube_kernels_on() {
-            let (loss, lse) = tiled::causal_ce_fwd(tp::<Self, 3>(logits), ids, t2(mask));
+            let targets = Tensor::<Self, 1, Int>::from_primitive(targets);
+            let (loss, lse) = tiled::ce_fwd(t2(logits), targets, tp(weights));
             return Some((fp(loss), fp(lse)));
         }
-        let (logits, targets, weights) = ce_rows::<R, F, I, BT>(logits, ids, mask);
         let (loss, lse) = cube_kernels::ce_fwd(logits, targets, weights);
         Some((fp(tp::<Self, 1>(loss).sum()), lse))
     }
@@ -232,28 +231,25 @@ where
             .flatten()
     }
 
-    fn causal_ce_backward_kernel(
+    fn ce_backward_kernel(
         logits: FloatTensor<Self>,
-        ids: IntTensor<Self>,
-        mask: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        weights: FloatTensor<Self>,
         lse: FloatTensor<Self>,
         dloss: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        let ids = Tensor::<Self, 2, Int>::from_primitive(ids);
         if !cube_kernels_on() {
-            return fp(tiled::causal_ce_bwd(
-                tp::<Self, 3>(logits),
-                ids,
-                t2(mask),
+            let targets = Tensor::<Self, 1, Int>::from_primitive(targets);
+            return fp(tiled::ce_bwd(
+                t2(logits),
+                targets,
+                tp(weights),
                 tp(lse),
                 tp(dloss),
             ));
         }
-        let dims = burn::tensor::TensorMetadata::shape(&logits).dims::<3>();
-        let (logits, targets, weights) = ce_rows::<R, F, I, BT>(logits, ids, mask);
         let dloss = fp(tp::<Self, 1>(dloss).cast(FloatDType::F32));
-        let grad = cube_kernels::ce_bwd(logits, targets, weights, lse, dloss);
-        fp(tp::<Self, 2>(grad).reshape::<3, _>(dims))
+        cube_kernels::ce_bwd(logits, targets, weights, lse, dloss)
     }
 }
 
@@ -323,28 +319,4 @@ fn heads<R: CubeRuntime>(
         cube_kernels::to_heads(k, Some((&cos, &sin)), dims(sh.kv_heads)),
         cube_kernels::to_heads(v, None, dims(sh.kv_heads)),
     ]
-}
-
-/// The loss's rows: logits `[b·s, vocab]`, each row's target `[b·s]` (int) and weight `[b·s]`
-/// (f32; 0 for the last position of each sequence).
-fn ce_rows<R, F, I, BT>(
-    logits: CubeTensor<R>,
-    ids: Tensor<CubeBackend<R, F, I, BT>, 2, Int>,
-    mask: CubeTensor<R>,
-) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>)
-where
-    R: CubeRuntime,
-    F: FloatElement,
-    I: IntElement,
-    BT: BoolElement,
-{
-    type B<R, F, I, BT> = CubeBackend<R, F, I, BT>;
-    let logits = tp::<B<R, F, I, BT>, 3>(logits);
-    let [b, s, vocab] = logits.dims();
-    let (targets, weights) = tiled::ce_targets(ids, tp::<B<R, F, I, BT>, 2>(mask));
-    (
-        fp(logits.reshape([b * s, vocab])),
-        targets.reshape([b * s]).into_primitive(),
-        fp(weights.reshape([b * s])),
-    )
 }

@@ -15,10 +15,10 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{Int, Tensor, TensorPrimitive};
+use burn::tensor::{DType, FloatDType, Int, Tensor, TensorPrimitive};
 
-use super::composed;
 use super::{AdamWStep, AttentionShape};
+use super::{composed, tiled};
 
 /// A burn backend with fused kernels for some of the model's operations: the five operations
 /// below, each with a composed default and optional kernel hooks (the `*_kernel` methods return
@@ -140,17 +140,36 @@ pub(crate) trait KernelBackend: Backend {
         ids: Tensor<Self, 2, Int>,
         mask: Tensor<Self, 2>,
     ) -> Tensor<Self, 1> {
-        let kernel = Self::causal_ce_kernel(
-            fp(logits.clone()),
-            ids.clone().into_primitive(),
-            fp(mask.clone()),
-        );
-        match kernel {
+        let [b, s, vocab] = logits.dims();
+        let (targets, weights) = tiled::ce_targets(ids.clone(), mask.clone());
+        let rows = fp(logits.clone().reshape([b * s, vocab]));
+        match Self::ce_kernel(rows, targets.into_primitive(), fp(weights)) {
             Some((loss, _)) => {
                 super::count_kernel_call();
                 tp(loss)
             }
             None => composed::causal_ce(logits, ids, mask),
+        }
+    }
+
+    /// [`Self::lp_causal_ce`] of the logits `h · wᵀ`, which are never whole: the head and the
+    /// loss run over chunks of rows (see [`head_ce_chunks`]).
+    ///
+    /// # Shapes
+    /// - h: `[batch, seq, hidden]`; w: `[vocab, hidden]`; ids, mask: `[batch, seq]`
+    /// - output: `[1]`
+    fn lp_head_ce(
+        h: Tensor<Self, 3>,
+        w: Tensor<Self, 2>,
+        ids: Tensor<Self, 2, Int>,
+        mask: Tensor<Self, 2>,
+    ) -> Tensor<Self, 1> {
+        let [b, s, d] = h.dims();
+        let h2 = h.clone().reshape([b * s, d]);
+        let (targets, weights) = tiled::ce_targets(ids.clone(), mask.clone());
+        match head_ce_chunks::<Self>(h2, w.clone(), targets, weights, [false, false]) {
+            Some(fused) => fused.loss,
+            None => composed::causal_ce(head_logits(h, w), ids, mask),
         }
     }
 
@@ -232,11 +251,16 @@ pub(crate) trait KernelBackend: Backend {
     ) -> [FloatTensor<Self>; 3] {
         unreachable!("attention_backward_kernel without attention_kernel")
     }
-    /// Forward of [`Self::lp_causal_ce`]: the loss sum (`[1]`) and each row's log-sum-exp.
-    fn causal_ce_kernel(
+    /// Forward of the cross-entropy over rows (the loss of [`Self::lp_causal_ce`] once its
+    /// targets and weights are laid out by [`tiled::ce_targets`]): the loss sum (`[1]`, f32) and
+    /// each row's log-sum-exp (`[rows]`, f32).
+    ///
+    /// # Shapes
+    /// - logits: `[rows, vocab]`; targets: `[rows]` (int); weights: `[rows]` (f32)
+    fn ce_kernel(
         _logits: FloatTensor<Self>,
-        _ids: IntTensor<Self>,
-        _mask: FloatTensor<Self>,
+        _targets: IntTensor<Self>,
+        _weights: FloatTensor<Self>,
     ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
         None
     }
@@ -252,16 +276,94 @@ pub(crate) trait KernelBackend: Backend {
         None
     }
 
-    /// Gradient of the logits of [`Self::lp_causal_ce`] for an upstream gradient `dloss` (`[1]`).
-    fn causal_ce_backward_kernel(
+    /// Gradient of the logits of [`Self::ce_kernel`] for an upstream gradient `dloss` (`[1]`),
+    /// in the logits' dtype (written over them when nothing else holds them).
+    fn ce_backward_kernel(
         _logits: FloatTensor<Self>,
-        _ids: IntTensor<Self>,
-        _mask: FloatTensor<Self>,
+        _targets: IntTensor<Self>,
+        _weights: FloatTensor<Self>,
         _lse: FloatTensor<Self>,
         _dloss: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        unreachable!("causal_ce_backward_kernel without causal_ce_kernel")
+        unreachable!("ce_backward_kernel without ce_kernel")
     }
+}
+
+/// `h · wᵀ` as `[batch, seq, vocab]` logits (the unfused head of [`KernelBackend::lp_head_ce`]).
+fn head_logits<B: KernelBackend>(h: Tensor<B, 3>, w: Tensor<B, 2>) -> Tensor<B, 3> {
+    let [b, s, d] = h.dims();
+    let vocab = w.dims()[0];
+    B::lp_linear(h.reshape([b * s, d]), w).reshape([b, s, vocab])
+}
+
+/// What [`head_ce_chunks`] computed.
+pub(super) struct HeadCe<B: Backend> {
+    /// The loss sum, `[1]` (f32).
+    pub loss: Tensor<B, 1>,
+    /// The gradient of `h` for an upstream gradient of 1 (when asked for).
+    pub dh: Option<Tensor<B, 2>>,
+    /// The gradient of `w` for an upstream gradient of 1, in `w`'s dtype (when asked for).
+    pub dw: Option<Tensor<B, 2>>,
+}
+
+/// The causal-LM loss of the logits `h · wᵀ` without ever holding them whole (as Liger-Kernel's
+/// fused linear cross-entropy does): for each chunk of rows, the head's matmul, the loss kernel,
+/// and — when `need` asks for them — the logits' gradient written over them, then that chunk's
+/// contribution to `dh` (`dlogits · w`) and `dw` (`dlogitsᵀ · h`, summed in f32). The gradients
+/// are computed in the forward pass because the loss is the graph's last operation: the
+/// upstream gradient is a scalar the backward only scales them by. So the peak is one chunk of
+/// logits (about 256 MiB of f32-equivalent elements, [`tiled::block_rows`]) instead of the whole
+/// `[tokens, vocab]` logits and their gradient (1 GiB per 4096-token sequence at Llama-3's 128K
+/// vocabulary in bf16), and nothing is recomputed: the head's three matmuls run once each, as
+/// unfused. `None`: the backend has no kernel for these inputs (the caller composes).
+///
+/// # Shapes
+/// - h: `[rows, hidden]`; w: `[vocab, hidden]`; targets: `[rows]` (int); weights: `[rows]` (f32)
+pub(super) fn head_ce_chunks<B: KernelBackend>(
+    h: Tensor<B, 2>,
+    w: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    weights: Tensor<B, 1>,
+    need: [bool; 2],
+) -> Option<HeadCe<B>> {
+    let [rows, _] = h.dims();
+    let vocab = w.dims()[0];
+    let device = h.device();
+    let step = tiled::block_rows(rows, 1, vocab);
+    let (mut loss, mut dhs, mut dw) = (Vec::new(), Vec::new(), None::<Tensor<B, 2>>);
+    for r0 in (0..rows).step_by(step) {
+        let n = step.min(rows - r0);
+        let hc = h.clone().narrow(0, r0, n);
+        let (tc, wc) = (
+            targets.clone().narrow(0, r0, n),
+            weights.clone().narrow(0, r0, n),
+        );
+        let logits = B::linear_kernel(fp(hc.clone()), fp(w.clone()))?;
+        let (l, lse) = B::ce_kernel(logits.clone(), tc.clone().into_primitive(), fp(wc.clone()))?;
+        loss.push(tp::<B, 1>(l));
+        if !(need[0] || need[1]) {
+            continue;
+        }
+        let dloss = Tensor::<B, 1>::ones([1], (&device, DType::F32));
+        let d = B::ce_backward_kernel(logits, tc.into_primitive(), fp(wc), lse, fp(dloss));
+        let x = need[1].then(|| fp(hc));
+        let [dx, dwc] = B::linear_backward_kernel(x, fp(w.clone()), d, need);
+        dhs.extend(dx.map(tp::<B, 2>));
+        if let Some(g) = dwc.map(tp::<B, 2>) {
+            let g = g.cast(FloatDType::F32);
+            dw = Some(match dw {
+                Some(acc) => acc + g,
+                None => g,
+            });
+        }
+    }
+    super::count_kernel_call();
+    let wdtype = w.dtype();
+    Some(HeadCe {
+        loss: Tensor::cat(loss, 0).sum(),
+        dh: (!dhs.is_empty()).then(|| Tensor::cat(dhs, 0)),
+        dw: dw.map(|g| g.cast(FloatDType::from(wdtype))),
+    })
 }
 
 /// The shape of one packed document of `len` tokens.
@@ -422,15 +524,41 @@ impl<B: KernelBackend> Backward<B, 3> for PackedAttentionStep {
 }
 
 #[derive(Debug)]
-struct CausalCeStep;
-impl<B: KernelBackend> Backward<B, 1> for CausalCeStep {
+struct CeStep;
+impl<B: KernelBackend> Backward<B, 1> for CeStep {
+    /// Logits `[rows, vocab]`, targets, weights and each row's log-sum-exp.
     type State = (FloatTensor<B>, IntTensor<B>, FloatTensor<B>, FloatTensor<B>);
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [pl] = ops.parents;
         let dloss = grads.consume::<B>(&ops.node);
-        let (logits, ids, mask, lse) = ops.state;
-        let d = B::causal_ce_backward_kernel(logits, ids, mask, lse, dloss);
+        let (logits, targets, weights, lse) = ops.state;
+        let d = B::ce_backward_kernel(logits, targets, weights, lse, dloss);
         give::<B>(grads, pl.as_ref().map(|n| n.id), Some(d));
+    }
+}
+
+#[derive(Debug)]
+struct HeadCeStep;
+impl<B: KernelBackend> Backward<B, 2> for HeadCeStep {
+    /// `dh` (`[rows, hidden]`) and `dw` (`[vocab, hidden]`) for an upstream gradient of 1,
+    /// computed in the forward pass by [`head_ce_chunks`].
+    type State = (Option<FloatTensor<B>>, Option<FloatTensor<B>>);
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [ph, pw] = ops.parents;
+        let dloss = tp::<B, 1>(grads.consume::<B>(&ops.node)).cast(FloatDType::F32);
+        let (dh, dw) = ops.state;
+        // f32 arithmetic, one rounding to the gradient's dtype; exact when the upstream gradient
+        // is 1, as in training, where the loss's weights carry the mean's scale
+        // (`LlamaForCausalLM::loss_scaled`).
+        let scale = dloss;
+        let rescale = |g: FloatTensor<B>| {
+            let g = tp::<B, 2>(g);
+            let dtype = g.dtype();
+            let scaled = g.cast(FloatDType::F32) * scale.clone().reshape([1, 1]);
+            scaled.cast(FloatDType::from(dtype))
+        };
+        give::<B>(grads, ph.as_ref().map(|n| n.id), dh.map(|g| fp(rescale(g))));
+        give::<B>(grads, pw.as_ref().map(|n| n.id), dw.map(|g| fp(rescale(g))));
     }
 }
 
@@ -582,16 +710,58 @@ impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Ad<B, C> {
         ids: Tensor<Self, 2, Int>,
         mask: Tensor<Self, 2>,
     ) -> Tensor<Self, 1> {
-        let (la, ma) = (fp(logits.clone()), fp(mask.clone()));
-        let ip: IntTensor<B> = ids.clone().into_primitive();
-        match B::causal_ce_kernel(la.primitive.clone(), ip.clone(), ma.primitive.clone()) {
-            Some((loss, lse)) => tp(record::<B, C, _, 1>(
-                CausalCeStep,
-                [&la],
-                (la.primitive.clone(), ip, ma.primitive, lse),
-                loss,
-            )),
+        let [b, s, vocab] = logits.dims();
+        let la = fp(logits.clone().reshape([b * s, vocab]));
+        let (targets, weights) = tiled::ce_targets(inner_int(ids.clone()), inner(mask.clone()));
+        let (tgt, wp) = (targets.into_primitive(), fp(weights));
+        match B::ce_kernel(la.primitive.clone(), tgt.clone(), wp.clone()) {
+            Some((loss, lse)) => {
+                let state = (la.primitive.clone(), tgt, wp, lse);
+                tp(record::<B, C, _, 1>(CeStep, [&la], state, loss))
+            }
             None => composed::causal_ce(logits, ids, mask),
         }
     }
+
+    fn lp_head_ce(
+        h: Tensor<Self, 3>,
+        w: Tensor<Self, 2>,
+        ids: Tensor<Self, 2, Int>,
+        mask: Tensor<Self, 2>,
+    ) -> Tensor<Self, 1> {
+        let [b, s, d] = h.dims();
+        let (ha, wa) = (fp(h.clone().reshape([b * s, d])), fp(w.clone()));
+        let need = [
+            !ha.node.requirement.is_none(),
+            !wa.node.requirement.is_none(),
+        ];
+        let (targets, weights) = tiled::ce_targets(inner_int(ids.clone()), inner(mask.clone()));
+        let (hi, wi) = (tp(ha.primitive.clone()), tp(wa.primitive.clone()));
+        match head_ce_chunks::<B>(hi, wi, targets, weights, need) {
+            Some(f) => {
+                let state = (f.dh.map(fp), f.dw.map(fp));
+                tp(record::<B, C, _, 2>(
+                    HeadCeStep,
+                    [&ha, &wa],
+                    state,
+                    fp(f.loss),
+                ))
+            }
+            None => composed::causal_ce(head_logits(h, w), ids, mask),
+        }
+    }
+}
+
+/// The inner backend's tensor of an autodiff float tensor (no graph).
+fn inner<B: Backend, C: CheckpointStrategy, const D: usize>(
+    t: Tensor<Ad<B, C>, D>,
+) -> Tensor<B, D> {
+    tp(fp(t).primitive)
+}
+
+/// The inner backend's tensor of an autodiff int tensor.
+fn inner_int<B: Backend, C: CheckpointStrategy, const D: usize>(
+    t: Tensor<Ad<B, C>, D, Int>,
+) -> Tensor<B, D, Int> {
+    Tensor::from_primitive(t.into_primitive())
 }

@@ -2,7 +2,7 @@
 //! backend has them.
 //!
 //! Every module calls these functions ([`linear`], [`rms_norm`], [`swiglu`], [`attention`],
-//! [`causal_ce`]; the optimizer calls [`adamw`]) instead of composing burn tensor ops itself.
+//! [`causal_ce`], [`causal_head_ce_weighted`]; the optimizer calls [`adamw`]) instead of composing burn tensor ops itself.
 //! Each is generic over `B: Backend` and picks its implementation at run time:
 //!
 //! - on a backend with kernels (found by type: `Flex`, and the unfused CubeCL backends that
@@ -327,6 +327,39 @@ pub fn causal_ce_weighted<B: Backend>(
         }
     }
     dispatch::<B, _>(CausalCe(logits, ids, weights))
+}
+
+/// [`causal_ce_weighted`] of the logits `h · wᵀ` of a language-model head, without holding
+/// the logits: on a backend with kernels, the head's matmul and the loss run over chunks of rows
+/// and, when the loss will be differentiated, each chunk's gradients of `h` and `w` are computed
+/// right away, so no `[tokens, vocab]` tensor outlives its chunk (Liger-Kernel's fused linear
+/// cross-entropy; the matmuls run once each, nothing is recomputed). Elsewhere, the head and
+/// the loss composed. The sum and its gradients equal the unfused ones up to rounding.
+///
+/// # Shapes
+/// - h: `[batch, seq, hidden]`; w: `[vocab, hidden]` (HF layout); ids, weights: `[batch, seq]`
+/// - output: `[1]`
+pub fn causal_head_ce_weighted<B: Backend>(
+    h: Tensor<B, 3>,
+    w: Tensor<B, 2>,
+    ids: Tensor<B, 2, Int>,
+    weights: Tensor<B, 2>,
+) -> Tensor<B, 1> {
+    struct HeadCe<B: Backend>(Tensor<B, 3>, Tensor<B, 2>, Tensor<B, 2, Int>, Tensor<B, 2>);
+    impl<B: Backend> Op for HeadCe<B> {
+        type Output = Tensor<B, 1>;
+        fn with_kernels<K: KernelBackend>(self) -> Self::Output {
+            let (h, w, ids, weights) = same((self.0, self.1, self.2, self.3));
+            same(K::lp_head_ce(h, w, ids, weights))
+        }
+        fn composed(self) -> Self::Output {
+            let [b, s, d] = self.0.dims();
+            let vocab = self.1.dims()[0];
+            let logits = composed::linear(self.0.reshape([b * s, d]), self.1);
+            composed::causal_ce(logits.reshape([b, s, vocab]), self.2, self.3)
+        }
+    }
+    dispatch::<B, _>(HeadCe(h, w, ids, weights))
 }
 
 /// The per-position weights of [`causal_ce`]'s padding mask: `mask[t] · mask[t+1]` in f32, 0 in

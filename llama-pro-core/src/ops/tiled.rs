@@ -398,10 +398,14 @@ pub fn attention_bwd_heads<B: Backend>(
 
 /// Per-row targets and weights of the causal-LM loss over all `b·s` rows: row `t` predicts
 /// token `t+1` with weight `weights[t]`; the last row of each sequence has weight 0.
-pub(super) fn ce_targets<B: Backend>(
+///
+/// # Shapes
+/// - ids, mask: `[b, s]`
+/// - outputs: targets `[b·s]` (int), weights `[b·s]` (f32)
+pub fn ce_targets<B: Backend>(
     ids: Tensor<B, 2, Int>,
     mask: Tensor<B, 2>,
-) -> (Tensor<B, 2, Int>, Tensor<B, 2>) {
+) -> (Tensor<B, 1, Int>, Tensor<B, 1>) {
     let [b, s] = ids.dims();
     let device = ids.device();
     let targets = Tensor::cat(
@@ -418,22 +422,22 @@ pub(super) fn ce_targets<B: Backend>(
         ],
         1,
     );
-    (targets.reshape([b * s, 1]), weights.reshape([b * s, 1]))
+    (targets.reshape([b * s]), weights.reshape([b * s]))
 }
 
-/// Forward of the causal-LM cross-entropy sum (see [`super::causal_ce_weighted`]; `mask` holds
-/// its per-position weights) over row chunks: the
-/// loss `[1]` (f32) and every row's log-sum-exp `[b·s]` (f32). At most one chunk of the logits is
-/// in f32 at a time.
-pub fn causal_ce_fwd<B: Backend>(
-    logits: Tensor<B, 3>,
-    ids: Tensor<B, 2, Int>,
-    mask: Tensor<B, 2>,
+/// Forward of the cross-entropy sum over rows (see [`super::causal_ce_weighted`] and
+/// [`ce_targets`]) in chunks of rows: the loss `[1]` (f32) and every row's log-sum-exp `[rows]`
+/// (f32). At most one chunk of the logits is in f32 at a time.
+///
+/// # Shapes
+/// - logits: `[rows, vocab]`; targets: `[rows]` (int); weights: `[rows]` (f32)
+pub fn ce_fwd<B: Backend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    weights: Tensor<B, 1>,
 ) -> (Tensor<B, 1>, Tensor<B, 1>) {
-    let [b, s, vocab] = logits.dims();
-    let rows = b * s;
-    let logits = logits.reshape([rows, vocab]);
-    let (targets, weights) = ce_targets(ids, mask);
+    let [rows, vocab] = logits.dims();
+    let (targets, weights) = (targets.reshape([rows, 1]), weights.reshape([rows, 1]));
     let step = block_rows(rows, 1, vocab);
     let (mut loss, mut lses) = (Vec::new(), Vec::new());
     for r0 in (0..rows).step_by(step) {
@@ -448,21 +452,19 @@ pub fn causal_ce_fwd<B: Backend>(
     (Tensor::cat(loss, 0).sum(), Tensor::cat(lses, 0))
 }
 
-/// Gradient of the logits `[b, s, vocab]` (their dtype) of [`causal_ce_fwd`] for an upstream
-/// gradient `dloss` (`[1]`): `(softmax − onehot(target)) · weight · dloss`, chunk by chunk.
-pub fn causal_ce_bwd<B: Backend>(
-    logits: Tensor<B, 3>,
-    ids: Tensor<B, 2, Int>,
-    mask: Tensor<B, 2>,
+/// Gradient of the logits `[rows, vocab]` (their dtype) of [`ce_fwd`] for an upstream gradient
+/// `dloss` (`[1]`): `(softmax − onehot(target)) · weight · dloss`, chunk by chunk.
+pub fn ce_bwd<B: Backend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    weights: Tensor<B, 1>,
     lse: Tensor<B, 1>,
     dloss: Tensor<B, 1>,
-) -> Tensor<B, 3> {
-    let [b, s, vocab] = logits.dims();
-    let rows = b * s;
+) -> Tensor<B, 2> {
+    let [rows, vocab] = logits.dims();
     let dtype = logits.dtype();
-    let logits = logits.reshape([rows, vocab]);
-    let (targets, weights) = ce_targets(ids, mask);
-    let weights = weights * f32(dloss).reshape([1, 1]);
+    let targets = targets.reshape([rows, 1]);
+    let weights = weights.reshape([rows, 1]) * f32(dloss).reshape([1, 1]);
     let lse = lse.reshape([rows, 1]);
     let step = block_rows(rows, 1, vocab);
     let mut grad = Tensor::<B, 2>::empty([rows, vocab], (&logits.device(), dtype));
@@ -479,7 +481,33 @@ pub fn causal_ce_bwd<B: Backend>(
         );
         grad = grad.slice_assign([r0..r0 + n, 0..vocab], to(g, dtype));
     }
-    grad.reshape([b, s, vocab])
+    grad
+}
+
+/// [`ce_fwd`] of the causal-LM loss (see [`super::causal_ce_weighted`]; `mask` holds its
+/// per-position weights): logits `[b, s, vocab]`, ids and mask `[b, s]`.
+pub fn causal_ce_fwd<B: Backend>(
+    logits: Tensor<B, 3>,
+    ids: Tensor<B, 2, Int>,
+    mask: Tensor<B, 2>,
+) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    let [b, s, vocab] = logits.dims();
+    let (targets, weights) = ce_targets(ids, mask);
+    ce_fwd(logits.reshape([b * s, vocab]), targets, weights)
+}
+
+/// [`ce_bwd`] of [`causal_ce_fwd`]: the gradient of the logits `[b, s, vocab]`.
+pub fn causal_ce_bwd<B: Backend>(
+    logits: Tensor<B, 3>,
+    ids: Tensor<B, 2, Int>,
+    mask: Tensor<B, 2>,
+    lse: Tensor<B, 1>,
+    dloss: Tensor<B, 1>,
+) -> Tensor<B, 3> {
+    let [b, s, vocab] = logits.dims();
+    let (targets, weights) = ce_targets(ids, mask);
+    let rows = logits.reshape([b * s, vocab]);
+    ce_bwd(rows, targets, weights, lse, dloss).reshape([b, s, vocab])
 }
 
 /// Forward of RMSNorm (see [`super::rms_norm`]): the output and each row's `1/rms` (`[n]`, f32).

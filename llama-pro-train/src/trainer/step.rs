@@ -8,7 +8,7 @@ use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{FloatDType, Tensor};
 use llama_pro_core::burn;
-use llama_pro_core::model::{LlamaForCausalLM, causal_lm_loss_weighted};
+use llama_pro_core::model::LlamaForCausalLM;
 use llama_pro_core::params::{NamedVisitor, visit_named};
 
 use crate::error::{Result, TrainError};
@@ -94,13 +94,13 @@ impl<B: AutodiffBackend> Trainer<B> {
             // token (L - 1 per row), trained or not.
             tokens += batch.tokens.saturating_sub(examples.len());
             let model = self.model();
-            let logits = model.forward_packed(batch.ids.clone(), batch.packing.as_ref());
-            let (sum, _) = causal_lm_loss_weighted(logits, batch.ids, batch.weights);
-            let loss = sum / batch.targets as f64;
-            let value = scalar(loss.clone())?;
+            // The micro-batch's share of the step's mean loss; its backward starts from 1.
+            let scale = 1.0 / (batch.targets as f64 * accum as f64);
+            let loss = model.loss_scaled(batch.ids, batch.packing.as_ref(), batch.weights, scale);
+            let value = scalar(loss.clone())? * accum as f64;
             self.finite("loss", value)?;
             loss_sum += value;
-            let grads = (loss / accum as f64).backward();
+            let grads = loss.backward();
             acc.accumulate(model, GradientsParams::from_grads(grads, model));
         }
         Ok((acc.grads(), loss_sum / accum as f64, tokens))
@@ -131,17 +131,16 @@ impl<B: AutodiffBackend> Trainer<B> {
             let mine = &global[rank * batch_size..(rank + 1) * batch_size];
             let batch = batch_examples::<B>(mine, &self.device);
             let model = self.model();
-            let logits = model.forward_packed(batch.ids.clone(), batch.packing.as_ref());
-            let (sum, _) = causal_lm_loss_weighted(logits, batch.ids, batch.weights);
-            let loss = sum / targets as f64;
+            let scale = 1.0 / (targets as f64 * accum as f64);
+            let loss = model.loss_scaled(batch.ids, batch.packing.as_ref(), batch.weights, scale);
             // No host sync here: the loss travels with the gradients; the non-finite check is
             // made on the sum, by every worker alike.
-            let value = loss.clone().inner();
+            let value = loss.clone().inner() * accum as f64;
             loss_sum = Some(match loss_sum {
                 Some(s) => s + value,
                 None => value,
             });
-            let grads = (loss / accum as f64).backward();
+            let grads = loss.backward();
             acc.accumulate(model, GradientsParams::from_grads(grads, model));
         }
         let loss = loss_sum.expect("grad_accum >= 1");
