@@ -420,14 +420,6 @@ impl<B: Backend> LlamaForCausalLM<B> {
         let Some(packing) = packing.filter(|p| !p.is_trivial()) else {
             return self.forward(input_ids);
         };
-        let [b, s] = input_ids.dims();
-        assert_eq!(
-            (b, s),
-            (packing.rows().len(), packing.seq()),
-            "packing describes {} rows of {} positions, the batch is [{b}, {s}]",
-            packing.rows().len(),
-            packing.seq()
-        );
         let (h, _) = self.hidden_with(input_ids, None, false, Some(packing));
         self.head(h)
     }
@@ -483,16 +475,6 @@ impl<B: Backend> LlamaForCausalLM<B> {
         weights: Tensor<B, 2>,
     ) -> Tensor<B, 1> {
         let packing = packing.filter(|p| !p.is_trivial());
-        if let Some(p) = packing {
-            let [b, s] = input_ids.dims();
-            assert_eq!(
-                (b, s),
-                (p.rows().len(), p.seq()),
-                "packing describes {} rows of {} positions, the batch is [{b}, {s}]",
-                p.rows().len(),
-                p.seq()
-            );
-        }
         let (h, _) = self.hidden_with(input_ids.clone(), None, false, packing);
         match self.head_weight(h.dtype()) {
             Some(w) => ops::causal_head_ce_weighted(h, w, input_ids, weights),
@@ -587,7 +569,16 @@ impl<B: Backend> LlamaForCausalLM<B> {
         keep: bool,
         packing: Option<&Packing>,
     ) -> (Tensor<B, 3>, Vec<Tensor<B, 3>>) {
-        let [_, s] = input_ids.dims();
+        let [b, s] = input_ids.dims();
+        if let Some(p) = packing {
+            assert_eq!(
+                (b, s),
+                (p.rows().len(), p.seq()),
+                "packing describes {} rows of {} positions, the batch is [{b}, {s}]",
+                p.rows().len(),
+                p.seq()
+            );
+        }
         let device = input_ids.device();
         let start = cache.as_ref().map_or(0, |c| c.len);
         let dtype = self.dtype();

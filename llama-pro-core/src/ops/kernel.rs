@@ -328,7 +328,8 @@ pub(super) fn head_ce_chunks<B: KernelBackend>(
 ) -> Option<HeadCe<B>> {
     let [rows, _] = h.dims();
     let vocab = w.dims()[0];
-    let device = h.device();
+    // The upstream gradient the chunks' gradients are for (see `HeadCeStep`).
+    let unit = (need[0] || need[1]).then(|| Tensor::<B, 1>::ones([1], (&h.device(), DType::F32)));
     let step = tiled::block_rows(rows, 1, vocab);
     let (mut loss, mut dhs, mut dw) = (Vec::new(), Vec::new(), None::<Tensor<B, 2>>);
     for r0 in (0..rows).step_by(step) {
@@ -341,11 +342,10 @@ pub(super) fn head_ce_chunks<B: KernelBackend>(
         let logits = B::linear_kernel(fp(hc.clone()), fp(w.clone()))?;
         let (l, lse) = B::ce_kernel(logits.clone(), tc.clone().into_primitive(), fp(wc.clone()))?;
         loss.push(tp::<B, 1>(l));
-        if !(need[0] || need[1]) {
+        let Some(unit) = &unit else {
             continue;
-        }
-        let dloss = Tensor::<B, 1>::ones([1], (&device, DType::F32));
-        let d = B::ce_backward_kernel(logits, tc.into_primitive(), fp(wc), lse, fp(dloss));
+        };
+        let d = B::ce_backward_kernel(logits, tc.into_primitive(), fp(wc), lse, fp(unit.clone()));
         let x = need[1].then(|| fp(hc));
         let [dx, dwc] = B::linear_backward_kernel(x, fp(w.clone()), d, need);
         dhs.extend(dx.map(tp::<B, 2>));
