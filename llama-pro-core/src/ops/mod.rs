@@ -2,7 +2,8 @@
 //! backend has them.
 //!
 //! Every module calls these functions ([`linear`], [`rms_norm`], [`swiglu`], [`attention`],
-//! [`causal_ce`], [`causal_head_ce_weighted`]; the optimizer calls [`adamw`]) instead of composing burn tensor ops itself.
+//! [`causal_ce`], [`causal_head_ce_weighted`]; the optimizer calls [`adamw`]) instead of
+//! composing burn tensor ops itself.
 //! Each is generic over `B: Backend` and picks its implementation at run time:
 //!
 //! - on a backend with kernels (found by type: `Flex`, and the unfused CubeCL backends that
